@@ -1,0 +1,69 @@
+"""canary_router: ship a risky change to a small, deterministic slice of real users first.
+
+Buckets users with the frozen v1 spec (MurmurHash3), routes calls between the old and the new code
+path, applies targeting rules, and keeps rollout state in a shared store with an audit trail.
+"""
+
+from ._version import __version__
+from .bucketing import bucket
+from .config import Config, load_config, load_file
+from .context import Context, current_context, use_context
+from .errors import (
+    CanaryError,
+    ConfigError,
+    ConfigIssue,
+    ConflictError,
+    StoreError,
+    TransitionError,
+    UnknownRolloutError,
+)
+from .model import (
+    AuditRecord,
+    Condition,
+    Decision,
+    GuardConfig,
+    Observation,
+    Phase,
+    Reason,
+    Rollout,
+    RolloutState,
+    RolloutStatus,
+    Rule,
+    Variant,
+)
+from .router import Router
+from .stores import MemoryStore, Store, Versioned
+
+__all__ = [
+    "AuditRecord",
+    "CanaryError",
+    "Condition",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "ConflictError",
+    "Context",
+    "Decision",
+    "GuardConfig",
+    "MemoryStore",
+    "Observation",
+    "Phase",
+    "Reason",
+    "Rollout",
+    "RolloutState",
+    "RolloutStatus",
+    "Router",
+    "Rule",
+    "Store",
+    "StoreError",
+    "TransitionError",
+    "UnknownRolloutError",
+    "Variant",
+    "Versioned",
+    "__version__",
+    "bucket",
+    "current_context",
+    "load_config",
+    "load_file",
+    "use_context",
+]

@@ -1,0 +1,146 @@
+"""The evaluation context: immutable request/user attributes, and the ambient context.
+
+The ambient context lives in a :class:`contextvars.ContextVar`, so every thread and every asyncio
+task sees its own: middleware sets it per request, and decorated functions deep in the call stack
+read it without it being passed around.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Literal
+
+__all__ = ["Context", "current_context", "use_context"]
+
+Variant = Literal["old", "new"]
+
+_EMPTY: Mapping[str, Variant] = {}
+
+
+class Context(Mapping[str, Any]):
+    """Immutable attributes of one evaluation: ``user_id``, ``account_id``, ``region``, ``email``, ...
+
+    ``Context(user_id="u-42", region="eu-west-1")`` or ``Context({"user_id": "u-42"})``.
+    ``overrides`` maps a rollout name to a variant; only trusted code sets it (the middleware does, after
+    checking a signed tester token), because it beats every rule and percentage.
+    """
+
+    __slots__ = ("_attrs", "_overrides")
+
+    _attrs: dict[str, Any]
+    _overrides: Mapping[str, Variant]
+
+    def __init__(
+        self,
+        attributes: Mapping[str, Any] | None = None,
+        /,
+        *,
+        overrides: Mapping[str, Variant] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        attrs = dict(attributes) if attributes else {}
+        if kwargs:
+            attrs.update(kwargs)
+        object.__setattr__(self, "_attrs", attrs)
+        if overrides:
+            checked = dict(overrides)
+            for rollout, variant in checked.items():
+                if variant not in ("old", "new"):
+                    raise ValueError(f"override for {rollout!r} must be 'old' or 'new', got {variant!r}")
+            object.__setattr__(self, "_overrides", checked)
+        else:
+            object.__setattr__(self, "_overrides", _EMPTY)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Context is immutable; use Context.merge() to derive a new one")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._attrs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._attrs)
+
+    def __len__(self) -> int:
+        return len(self._attrs)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._attrs
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Return the attribute ``key``, or ``default`` when it is absent."""
+        return self._attrs.get(key, default)
+
+    def __repr__(self) -> str:
+        extra = f", overrides={dict(self._overrides)!r}" if self._overrides else ""
+        return f"Context({self._attrs!r}{extra})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Context):
+            return self._attrs == other._attrs and dict(self._overrides) == dict(other._overrides)
+        if isinstance(other, Mapping):
+            return not self._overrides and self._attrs == dict(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # attribute values may be unhashable
+
+    @property
+    def overrides(self) -> Mapping[str, Variant]:
+        """Rollout name → variant forced for this context (set only by trusted code)."""
+        return self._overrides
+
+    def merge(
+        self,
+        attributes: Mapping[str, Any] | None = None,
+        /,
+        *,
+        overrides: Mapping[str, Variant] | None = None,
+        **kwargs: Any,
+    ) -> Context:
+        """Return a new context: these attributes and overrides on top of this one's."""
+        attrs = dict(self._attrs)
+        if attributes:
+            if isinstance(attributes, Context):
+                if overrides is None and attributes._overrides:
+                    overrides = attributes._overrides
+                attributes = attributes._attrs
+            attrs.update(attributes)
+        attrs.update(kwargs)
+        merged = dict(self._overrides)
+        if overrides:
+            merged.update(overrides)
+        return Context(attrs, overrides=merged)
+
+
+_EMPTY_CONTEXT = Context()
+_current: ContextVar[Context] = ContextVar("canary_router_context", default=_EMPTY_CONTEXT)
+
+
+def current_context() -> Context:
+    """Return the ambient context of this thread / task (empty when none is set)."""
+    return _current.get()
+
+
+@contextmanager
+def use_context(
+    attributes: Mapping[str, Any] | None = None,
+    /,
+    *,
+    replace: bool = False,
+    overrides: Mapping[str, Variant] | None = None,
+    **kwargs: Any,
+) -> Iterator[Context]:
+    """Make a context ambient for the ``with`` block, for this thread or asyncio task only.
+
+    The new attributes are laid over the enclosing ambient context (so a decorator deep inside a
+    request sees both the middleware's attributes and yours); ``replace=True`` starts from empty.
+    Yields the context now in force.
+    """
+    base = _EMPTY_CONTEXT if replace else _current.get()
+    ctx = base.merge(attributes, overrides=overrides, **kwargs)
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)

@@ -1,0 +1,178 @@
+"""``router.canary(...)``: route calls between the old and the new implementation, and observe them."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeAlias, TypeVar, cast
+
+from .context import _EMPTY_CONTEXT, Context, _current
+
+if TYPE_CHECKING:
+    from .router import Router
+
+__all__ = ["ContextSource", "make_canary"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ContextSource: TypeAlias = "str | Sequence[str] | Mapping[str, str] | Callable[..., Mapping[str, Any]]"
+"""Where the decorator takes context attributes from the call's arguments:
+
+* ``"user_id"`` — the parameter ``user_id`` becomes the attribute ``user_id``;
+* ``("user_id", "region")`` — several parameters, each under its own name;
+* ``{"account_id": "account"}`` — attribute ``account_id`` from the parameter ``account``;
+* a callable — called with the call's arguments, returns a mapping of attributes.
+"""
+
+_MISSING = object()
+Extractor = Callable[[tuple[Any, ...], dict[str, Any]], Mapping[str, Any]]
+
+
+def _parameter_extractor(func: Callable[..., Any], mapping: Mapping[str, str]) -> Extractor:
+    """Build a fast extractor of named parameters, validated against ``func``'s signature now."""
+    signature = inspect.signature(func)
+    params = list(signature.parameters.values())
+    plan: list[tuple[str, str, int | None, Any]] = []
+    for attribute, param_name in mapping.items():
+        param = signature.parameters.get(param_name)
+        if param is None or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            names = ", ".join(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+            raise TypeError(
+                f"context_from names parameter {param_name!r}, but {func.__qualname__}() has no such "
+                f"parameter (it has: {names or 'none'})"
+            )
+        position = params.index(param) if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) else None
+        default = _MISSING if param.default is param.empty else param.default
+        plan.append((attribute, param_name, position, default))
+    steps = tuple(plan)
+
+    def extract(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Mapping[str, Any]:
+        found: dict[str, Any] = {}
+        for attribute, param_name, position, default in steps:
+            if param_name in kwargs:
+                found[attribute] = kwargs[param_name]
+            elif position is not None and position < len(args):
+                found[attribute] = args[position]
+            elif default is not _MISSING:
+                found[attribute] = default
+        return found
+
+    return extract
+
+
+def _extractor(func: Callable[..., Any], source: Any) -> Extractor | None:
+    if source is None:
+        return None
+    if isinstance(source, str):
+        return _parameter_extractor(func, {source: source})
+    if isinstance(source, Mapping):
+        return _parameter_extractor(func, dict(source))
+    if callable(source):
+        user = source
+
+        def call_user(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Mapping[str, Any]:
+            result = user(*args, **kwargs)
+            return result if isinstance(result, Mapping) else {}
+
+        return call_user
+    if isinstance(source, Sequence) and all(isinstance(s, str) for s in source):
+        return _parameter_extractor(func, {s: s for s in source})
+    raise TypeError(
+        "context_from must be a parameter name, a list of them, a mapping of attribute to parameter "
+        f"name, or a callable; got {source!r}"
+    )
+
+
+def make_canary(
+    router: Router,
+    name: str,
+    *,
+    old: Callable[P, R],
+    context_from: ContextSource | None,
+    fallback_on_error: bool,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Build the decorator behind :meth:`Router.canary`."""
+    if not callable(old):
+        raise TypeError(f"canary({name!r}): old must be a callable, got {old!r}")
+
+    def decorate(new: Callable[P, R]) -> Callable[P, R]:
+        is_async = inspect.iscoroutinefunction(new)
+        if is_async != inspect.iscoroutinefunction(old):
+            kind = "an async" if is_async else "a sync"
+            raise TypeError(
+                f"canary({name!r}): {getattr(new, '__qualname__', new)!r} is {kind} function, so old "
+                f"({getattr(old, '__qualname__', old)!r}) must be one too"
+            )
+        extract = _extractor(new, context_from)
+        decide = router.decide
+        observe = router._observe
+
+        def context_for(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Context | Mapping[str, Any] | None:
+            if extract is None:
+                return None
+            try:
+                found = extract(args, kwargs)
+            except Exception as exc:
+                router._warn("context_from", f"canary({name!r}): context_from failed: {exc!r}")
+                return None
+            if not found:
+                return None
+            ambient = _current.get()
+            if ambient is _EMPTY_CONTEXT:
+                return found
+            return ambient.merge(found)
+
+        if is_async:
+            new_async = cast(Callable[..., Awaitable[Any]], new)
+            old_async = cast(Callable[..., Awaitable[Any]], old)
+
+            @functools.wraps(new)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                decision = decide(name, context_for(args, kwargs))
+                is_new = decision.variant == "new"
+                start = perf_counter()
+                try:
+                    result = await (new_async if is_new else old_async)(*args, **kwargs)
+                except Exception as exc:
+                    elapsed = perf_counter() - start
+                    if is_new and fallback_on_error:
+                        observe(name, decision, False, elapsed, exc, True)
+                        return await old_async(*args, **kwargs)
+                    observe(name, decision, False, elapsed, exc)
+                    raise
+                observe(name, decision, True, perf_counter() - start)
+                return result
+
+            wrapper: Callable[..., Any] = async_wrapper
+        else:
+            new_sync = cast(Callable[..., Any], new)
+            old_sync = cast(Callable[..., Any], old)
+
+            @functools.wraps(new)
+            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                decision = decide(name, context_for(args, kwargs))
+                is_new = decision.variant == "new"
+                start = perf_counter()
+                try:
+                    result = (new_sync if is_new else old_sync)(*args, **kwargs)
+                except Exception as exc:
+                    elapsed = perf_counter() - start
+                    if is_new and fallback_on_error:
+                        observe(name, decision, False, elapsed, exc, True)
+                        return old_sync(*args, **kwargs)
+                    observe(name, decision, False, elapsed, exc)
+                    raise
+                observe(name, decision, True, perf_counter() - start)
+                return result
+
+            wrapper = sync_wrapper
+
+        wrapper.__canary_rollout__ = name  # type: ignore[attr-defined]
+        wrapper.__canary_old__ = old  # type: ignore[attr-defined]
+        wrapper.__canary_new__ = new  # type: ignore[attr-defined]
+        return cast(Callable[P, R], wrapper)
+
+    return decorate

@@ -1,0 +1,299 @@
+"""Plain, immutable values: decisions, reasons, phases, rollout definitions, state and audit records."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+__all__ = [
+    "NEW",
+    "OLD",
+    "AuditRecord",
+    "Condition",
+    "Decision",
+    "GuardConfig",
+    "Observation",
+    "Phase",
+    "Reason",
+    "Rollout",
+    "RolloutState",
+    "RolloutStatus",
+    "Rule",
+    "Variant",
+]
+
+Variant = Literal["old", "new"]
+OLD: Variant = "old"
+NEW: Variant = "new"
+
+DEFAULT_STEPS: tuple[float, ...] = (5.0, 10.0, 25.0, 50.0, 100.0)
+
+
+class Reason(enum.StrEnum):
+    """Why a decision came out the way it did. ``Decision.reason`` is one of these (a ``str``)."""
+
+    OVERRIDE = "override"
+    """A signed tester override (or ``canary_router.testing.force``) chose the variant."""
+    ROLLED_BACK = "rolled_back"
+    """The rollout was rolled back: everyone gets "old", rule-targeted users included."""
+    COMPLETED = "completed"
+    """The rollout completed: everyone gets "new"."""
+    RULE_MATCH = "rule_match"
+    """A targeting rule with ``serve`` matched."""
+    RULE_SPLIT = "rule_split"
+    """A targeting rule with ``percent`` matched; the unit's bucket decided."""
+    SPLIT = "split"
+    """No rule matched; the unit's bucket and the step's percentage decided."""
+    NO_UNIT = "no_unit"
+    """The context has none of the stickiness attributes, so the unit cannot be bucketed: "old"."""
+    UNKNOWN_ROLLOUT = "unknown_rollout"
+    """The router has no rollout of that name: "old"."""
+    ERROR = "error"
+    """Something failed inside the library while deciding: "old" (the failure is logged)."""
+
+    @property
+    def openfeature(self) -> str:
+        """The OpenFeature / OpenTelemetry ``feature_flag.result.reason`` value for this reason."""
+        return _OPENFEATURE_REASONS[self]
+
+
+_OPENFEATURE_REASONS = {
+    Reason.OVERRIDE: "TARGETING_MATCH",
+    Reason.ROLLED_BACK: "DISABLED",
+    Reason.COMPLETED: "STATIC",
+    Reason.RULE_MATCH: "TARGETING_MATCH",
+    Reason.RULE_SPLIT: "SPLIT",
+    Reason.SPLIT: "SPLIT",
+    Reason.NO_UNIT: "DEFAULT",
+    Reason.UNKNOWN_ROLLOUT: "ERROR",
+    Reason.ERROR: "ERROR",
+}
+
+
+class Decision(NamedTuple):
+    """The answer of :meth:`Router.decide`: which variant to serve, why, and the unit's bucket."""
+
+    variant: Variant
+    """``"old"`` or ``"new"``."""
+    reason: str
+    """One of :class:`Reason` (a ``str``)."""
+    bucket: int | None
+    """The unit's v1 bucket (0..9999), or ``None`` when no bucket was computed."""
+    unit: str | None = None
+    """The unit id the decision was bucketed by (the stickiness attribute's value), when one was used."""
+
+    @property
+    def is_new(self) -> bool:
+        """``True`` when the new version is served."""
+        return self.variant == "new"
+
+
+class Phase(enum.StrEnum):
+    """Where a rollout is in its life."""
+
+    RUNNING = "running"
+    """Serving its current percentage; the controller may promote it."""
+    PAUSED = "paused"
+    """Serving its current percentage, frozen: nothing promotes it until it is resumed."""
+    COMPLETED = "completed"
+    """Everyone gets "new"."""
+    ROLLED_BACK = "rolled_back"
+    """Everyone gets "old"."""
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One targeting condition, in the Unleash constraint model: ``attribute operator values``."""
+
+    attribute: str
+    operator: str
+    values: tuple[Any, ...] = ()
+    inverted: bool = False
+    case_insensitive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A targeting rule: when every condition (and every named segment) holds, serve or split."""
+
+    when: tuple[Condition, ...] = ()
+    segments: tuple[str, ...] = ()
+    serve: Variant | None = None
+    percent: float | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    """Health thresholds for the new version, compared with the old one on live traffic."""
+
+    max_error_rate_increase: float = 0.01
+    """New minus old error rate, absolute, above which the new version fails (0.01 = 1 percentage point)."""
+    max_error_rate_ratio: float | None = None
+    """Optional relative form: new error rate / old error rate above which the new version fails."""
+    max_latency_ratio: float | None = 1.25
+    """New / old latency at ``latency_percentile`` above which the new version fails (``None``: off)."""
+    latency_percentile: float = 95.0
+    """The percentile compared by ``max_latency_ratio``."""
+    min_requests: int = 500
+    """Requests per variant before any verdict but the circuit breaker."""
+    alpha: float = 0.01
+    """False-rollback budget of the anytime-valid tests, in (0, 0.5)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """A validated rollout definition. Built by the config loader, or directly in Python.
+
+    Constructing one validates it: a bad value raises :class:`~canary_router.ConfigError` naming the field.
+    """
+
+    name: str
+    steps: tuple[float, ...] = DEFAULT_STEPS
+    stickiness: tuple[str, ...] = ("user_id",)
+    salt: str | None = None
+    bake_time: float = 3600.0
+    max_bake_time: float | None = None
+    start: Phase = Phase.RUNNING
+    description: str = ""
+    rules: tuple[Rule, ...] = ()
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def __post_init__(self) -> None:
+        from .config import _check_rollout_object
+
+        _check_rollout_object(self)
+
+    @property
+    def effective_salt(self) -> str:
+        """The salt used for bucketing: ``salt`` when set, else the rollout's name."""
+        return self.name if self.salt is None else self.salt
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutState:
+    """The mutable part of a rollout, as kept in a :class:`~canary_router.Store`."""
+
+    phase: Phase
+    step_index: int
+    """Index into the rollout's steps; -1 when the percentage is below the first step."""
+    percent: float
+    """The percentage being served (0..100). Authoritative: it may sit between steps after ``set_percent``."""
+    updated_at: float
+    reason: str = ""
+    actor: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {
+            "phase": self.phase.value,
+            "step_index": self.step_index,
+            "percent": self.percent,
+            "updated_at": self.updated_at,
+            "reason": self.reason,
+            "actor": self.actor,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:
+        """Rebuild a state written by :meth:`to_dict`."""
+        return cls(
+            phase=Phase(data["phase"]),
+            step_index=int(data["step_index"]),
+            percent=float(data["percent"]),
+            updated_at=float(data["updated_at"]),
+            reason=str(data.get("reason", "")),
+            actor=str(data.get("actor", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One state transition: when, who, what changed, and why (with the numbers behind it)."""
+
+    time: float
+    rollout: str
+    actor: str
+    action: str
+    from_phase: str | None
+    to_phase: str
+    from_percent: float | None
+    to_percent: float
+    reason: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+    version: int = 0
+    """The state version this transition produced."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {
+            "time": self.time,
+            "rollout": self.rollout,
+            "actor": self.actor,
+            "action": self.action,
+            "from_phase": self.from_phase,
+            "to_phase": self.to_phase,
+            "from_percent": self.from_percent,
+            "to_percent": self.to_percent,
+            "reason": self.reason,
+            "details": dict(self.details),
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
+        """Rebuild a record written by :meth:`to_dict`."""
+        return cls(
+            time=float(data["time"]),
+            rollout=str(data["rollout"]),
+            actor=str(data["actor"]),
+            action=str(data["action"]),
+            from_phase=data.get("from_phase"),
+            to_phase=str(data["to_phase"]),
+            from_percent=None if data.get("from_percent") is None else float(data["from_percent"]),
+            to_percent=float(data["to_percent"]),
+            reason=str(data.get("reason", "")),
+            details=dict(data.get("details") or {}),
+            version=int(data.get("version", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutStatus:
+    """What :meth:`Router.status` returns: the rollout's phase, step, percentage and history."""
+
+    name: str
+    phase: Phase
+    step_index: int
+    percent: float
+    steps: tuple[float, ...]
+    version: int
+    updated_at: float
+    reason: str
+    history: tuple[AuditRecord, ...]
+    """Transitions, oldest first (bounded by the store)."""
+
+    @property
+    def step(self) -> float | None:
+        """The percentage of the current step, or ``None`` below the first step."""
+        return self.steps[self.step_index] if 0 <= self.step_index < len(self.steps) else None
+
+
+class Observation(NamedTuple):
+    """One routed call, as delivered to observers: which variant ran, whether it failed, how long it took."""
+
+    rollout: str
+    variant: Variant
+    ok: bool
+    duration: float
+    """Seconds, from a monotonic clock."""
+    time: float
+    """When the call finished, from the router's clock (POSIX seconds)."""
+    unit: str | None
+    """The unit id the decision was bucketed by, if any."""
+    reason: str
+    error: BaseException | None = None
+    fell_back: bool = False
+    """``True`` when the new version failed and the old one was run instead (``fallback_on_error``)."""

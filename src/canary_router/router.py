@@ -1,0 +1,708 @@
+"""The Router: the one place a decision is made, and the control methods over rollout state."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+
+import mmh3
+
+from .bucketing import threshold
+from .config import Config, _conditions, _Issues, load_config, load_file
+from .context import Context, _current, use_context
+from .errors import CanaryError, ConflictError, StoreError, TransitionError, UnknownRolloutError
+from .model import (
+    NEW,
+    OLD,
+    AuditRecord,
+    Condition,
+    Decision,
+    Observation,
+    Phase,
+    Reason,
+    Rollout,
+    RolloutState,
+    RolloutStatus,
+    Variant,
+)
+from .rules import Predicate, compile_condition
+from .stores.base import Store, Versioned
+from .stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from .decorators import ContextSource
+
+__all__ = ["Router"]
+
+_log = logging.getLogger("canary_router")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Observer = Callable[[Observation], None]
+
+_ROLLED_BACK = Decision(OLD, Reason.ROLLED_BACK, None)
+_COMPLETED = Decision(NEW, Reason.COMPLETED, None)
+_UNKNOWN = Decision(OLD, Reason.UNKNOWN_ROLLOUT, None)
+_ERROR = Decision(OLD, Reason.ERROR, None)
+_NO_UNIT = Decision(OLD, Reason.NO_UNIT, None)
+_OVERRIDE = {NEW: Decision(NEW, Reason.OVERRIDE, None), OLD: Decision(OLD, Reason.OVERRIDE, None)}
+_FULL = {
+    Reason.SPLIT: (Decision(OLD, Reason.SPLIT, None), Decision(NEW, Reason.SPLIT, None)),
+    Reason.RULE_SPLIT: (Decision(OLD, Reason.RULE_SPLIT, None), Decision(NEW, Reason.RULE_SPLIT, None)),
+}
+_SPLIT = Reason.SPLIT
+_RULE_SPLIT = Reason.RULE_SPLIT
+_hash = mmh3.hash
+_new_decision = tuple.__new__
+
+
+class _Rule:
+    """A rule compiled for the hot path."""
+
+    __slots__ = ("decision", "predicates", "threshold")
+
+    def __init__(self, predicates: tuple[Predicate, ...], serve: Variant | None, percent: float | None):
+        self.predicates = predicates
+        self.decision = Decision(serve, Reason.RULE_MATCH, None) if serve is not None else None
+        self.threshold = threshold(percent) if percent is not None else 0
+
+
+class _Live:
+    """The locally known state of a rollout, swapped whole on every change (never mutated)."""
+
+    __slots__ = ("fixed", "state", "threshold", "version")
+
+    def __init__(self, state: RolloutState, version: int):
+        self.fixed = {Phase.ROLLED_BACK: _ROLLED_BACK, Phase.COMPLETED: _COMPLETED}.get(state.phase)
+        self.threshold = threshold(state.percent)
+        self.state = state
+        self.version = version
+
+
+class _Compiled:
+    """A rollout compiled for the hot path, with its locally known state (``live``, swapped atomically)."""
+
+    __slots__ = ("live", "prefix", "rollout", "rules", "stickiness")
+
+    def __init__(self, rollout: Rollout, rules: tuple[_Rule, ...]):
+        self.rollout = rollout
+        self.prefix = rollout.effective_salt + ":"
+        self.stickiness = rollout.stickiness
+        self.rules = rules
+        self.live: _Live
+
+
+def _step_index_for(steps: Sequence[float], percent: float) -> int:
+    """Index of the last step at or below ``percent`` (-1 when below the first step)."""
+    index = -1
+    for i, step in enumerate(steps):
+        if step <= percent + 1e-9:
+            index = i
+    return index
+
+
+class Router:
+    """Decides, per rollout and context, whether to serve the old or the new version.
+
+    ``Router(rollouts=[...], store=MemoryStore(), clock=time.time)``; usually built with
+    :meth:`from_file` or :meth:`from_config`. :meth:`decide` never raises; the control methods
+    (:meth:`promote`, :meth:`rollback`, ...) change the shared state with compare-and-set and an audit record.
+    """
+
+    def __init__(
+        self,
+        rollouts: Iterable[Rollout] | Mapping[str, Rollout | Mapping[str, Any]] = (),
+        *,
+        store: Store | None = None,
+        segments: Mapping[str, Sequence[Condition | Mapping[str, Any]]] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._clock: Callable[[], float] = clock or time.time
+        self._store: Store = store if store is not None else MemoryStore()
+        self._rollouts = self._collect(rollouts, segments)
+        self._segments = self._compile_segments(segments)
+        self._compiled: dict[str, _Compiled] = {
+            name: _Compiled(rollout, self._compile_rules(rollout)) for name, rollout in self._rollouts.items()
+        }
+        self._observers: tuple[Observer, ...] = ()
+        self._forced: dict[str, Variant] = {}
+        self._lock = threading.RLock()
+        self._warned: dict[str, float] = {}
+        for compiled in self._compiled.values():
+            compiled.live = self._initial_live(compiled.rollout)
+        self._unsubscribe = self._store.subscribe(self._on_store_change)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | Config,
+        *,
+        store: Store | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> Router:
+        """Build a router from a configuration mapping (the shape of the TOML file) or a loaded :class:`Config`."""
+        loaded = config if isinstance(config, Config) else load_config(config)
+        return cls(loaded.rollouts.values(), store=store, segments=loaded.segments, clock=clock)
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        *,
+        store: Store | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> Router:
+        """Build a router from a TOML file (YAML when PyYAML is installed, or JSON)."""
+        return cls.from_config(load_file(path), store=store, clock=clock)
+
+    @staticmethod
+    def _collect(
+        rollouts: Iterable[Rollout] | Mapping[str, Rollout | Mapping[str, Any]],
+        segments: Mapping[str, Any] | None,
+    ) -> dict[str, Rollout]:
+        if isinstance(rollouts, Mapping):
+            if all(isinstance(v, Rollout) for v in rollouts.values()):
+                items: list[Any] = list(rollouts.values())
+            else:
+                data: dict[str, Any] = {"rollouts": dict(rollouts)}
+                if segments:
+                    data["segments"] = {
+                        name: {"when": [_condition_mapping(c) for c in conds]} for name, conds in segments.items()
+                    }
+                return dict(load_config(data).rollouts)
+        else:
+            items = list(rollouts)
+        issues = _Issues()
+        out: dict[str, Rollout] = {}
+        for index, rollout in enumerate(items):
+            if not isinstance(rollout, Rollout):
+                issues.add(f"rollouts[{index}]", f"expected a Rollout, got {type(rollout).__name__}")
+            elif rollout.name in out:
+                issues.add(f"rollouts.{rollout.name}", f"duplicate rollout name {rollout.name!r}")
+            else:
+                out[rollout.name] = rollout
+        for name, rollout in out.items():
+            for r_index, rule in enumerate(rollout.rules):
+                for s_index, seg in enumerate(rule.segments):
+                    if not segments or seg not in segments:
+                        issues.add(
+                            f"rollouts.{name}.rules[{r_index}].segments[{s_index}]",
+                            f"unknown segment {seg!r}",
+                            f"defined segments: {', '.join(segments or {}) or 'none'}",
+                        )
+        issues.raise_if_any()
+        return out
+
+    @staticmethod
+    def _compile_segments(
+        segments: Mapping[str, Sequence[Condition | Mapping[str, Any]]] | None,
+    ) -> dict[str, tuple[Predicate, ...]]:
+        compiled: dict[str, tuple[Predicate, ...]] = {}
+        issues = _Issues()
+        for name, conds in (segments or {}).items():
+            checked = _conditions(list(conds), f"segments.{name}.when", issues)
+            if checked is not None:
+                compiled[name] = tuple(compile_condition(c) for c in checked)
+        issues.raise_if_any()
+        return compiled
+
+    def _compile_rules(self, rollout: Rollout) -> tuple[_Rule, ...]:
+        out: list[_Rule] = []
+        for rule in rollout.rules:
+            predicates: list[Predicate] = []
+            for seg in rule.segments:
+                predicates.extend(self._segments[seg])
+            predicates.extend(compile_condition(c) for c in rule.when)
+            out.append(_Rule(tuple(predicates), rule.serve, rule.percent))
+        return tuple(out)
+
+    def _initial_state(self, rollout: Rollout) -> RolloutState:
+        if rollout.start is Phase.PAUSED:
+            reason = "configured to start paused"
+        else:
+            reason = "first seen: starting at the first step"
+        return RolloutState(
+            phase=rollout.start,
+            step_index=0,
+            percent=rollout.steps[0],
+            updated_at=self._clock(),
+            reason=reason,
+            actor="router",
+        )
+
+    def _initial_live(self, rollout: Rollout) -> _Live:
+        """Read the rollout's state from the store, creating it (CAS) when the store has none."""
+        name = rollout.name
+        try:
+            current = self._store.get(name)
+            if current is None:
+                state = self._initial_state(rollout)
+                record = self._record(name, "start", None, state, "router", state.reason, {})
+                try:
+                    version = self._store.compare_and_set(name, None, state, record)
+                    return _Live(state, version)
+                except Exception:
+                    current = self._store.get(name)
+                    if current is None:
+                        raise
+            return _Live(current.state, current.version)
+        except Exception as exc:
+            _log.warning(
+                "canary_router: cannot read the state of rollout %r from the store (%s); serving its "
+                "configured start state until the store answers",
+                name,
+                exc,
+            )
+            return _Live(self._initial_state(rollout), 0)
+
+    # ------------------------------------------------------------------ the hot path
+
+    def decide(self, name: str, context: Context | Mapping[str, Any] | None = None) -> Decision:
+        """Decide which variant of rollout ``name`` to serve for ``context`` (default: the ambient context).
+
+        Order: signed override, then rollout state (rolled back / completed), then targeting rules (first
+        match wins), then the step's percentage. Never raises: an unknown rollout, a missing unit or an
+        odd attribute value all get ``"old"`` (or the rule's answer) with a reason saying why.
+        """
+        try:
+            compiled = self._compiled.get(name)
+            if compiled is None:
+                return _UNKNOWN
+            if context is None:
+                context = _current.get()
+            if self._forced:
+                forced = self._forced.get(name)
+                if forced is not None:
+                    return _OVERRIDE[forced]
+            kind = type(context)
+            if kind is dict:
+                attrs: Mapping[str, Any] = context
+            elif kind is Context:
+                ctx = cast(Context, context)
+                attrs = ctx._attrs
+                overrides = ctx._overrides
+                if overrides:
+                    chosen = overrides.get(name)
+                    if chosen is not None:
+                        return _OVERRIDE[chosen]
+            elif isinstance(context, Mapping):
+                attrs = context
+            else:  # defensive: callers may ignore the annotation
+                self._warn(  # type: ignore[unreachable]
+                    "context", f"decide({name!r}): context must be a mapping, got {kind.__name__}"
+                )
+                return _ERROR
+            live = compiled.live
+            if live.fixed is not None:
+                return live.fixed
+            limit = live.threshold
+            reason = _SPLIT
+            for rule in compiled.rules:
+                for predicate in rule.predicates:
+                    if not predicate(attrs, self._clock):
+                        break
+                else:
+                    if rule.decision is not None:
+                        return rule.decision
+                    limit = rule.threshold
+                    reason = _RULE_SPLIT
+                    break
+            unit: Any = None
+            for attribute in compiled.stickiness:
+                unit = attrs.get(attribute)
+                if unit is not None and unit != "":
+                    break
+            else:
+                unit = None
+            if unit is None:
+                if limit >= 10000:
+                    return _FULL[reason][1]
+                if limit <= 0:
+                    return _FULL[reason][0]
+                return _NO_UNIT
+            if type(unit) is not str:
+                unit = str(unit)
+            h = _hash((compiled.prefix + unit).encode(), 0, False)
+            b = (h % 100) * 100 + (h // 100) % 100
+            return _new_decision(Decision, (NEW if b < limit else OLD, reason, b, unit))
+        except Exception as exc:  # the hot path never raises because of us
+            self._warn("decide", f"decide({name!r}) failed, serving 'old': {exc!r}")
+            return _ERROR
+
+    def _warn(self, key: str, message: str) -> None:
+        """Log a hot-path problem at most once a minute per kind, so a bad input cannot flood the logs."""
+        try:
+            now = time.monotonic()
+            if now - self._warned.get(key, -math.inf) >= 60.0:
+                self._warned[key] = now
+                _log.warning("canary_router: %s", message)
+        except Exception:  # pragma: no cover - logging itself failed  # noqa: S110
+            pass
+
+    # ------------------------------------------------------------------ context and observation
+
+    def context(self, attributes: Mapping[str, Any] | None = None, /, **kwargs: Any) -> AbstractContextManager[Context]:
+        """Make these attributes the ambient context for a ``with`` block (laid over the enclosing one)."""
+        return use_context(attributes, **kwargs)
+
+    def add_observer(self, observer: Observer) -> Callable[[], None]:
+        """Deliver every routed call's :class:`Observation` to ``observer``; returns a function that removes it.
+
+        Observers run on the calling thread, so they must be quick; an observer that raises is logged and
+        skipped, never propagated to the application.
+        """
+        with self._lock:
+            self._observers = (*self._observers, observer)
+
+        def remove() -> None:
+            with self._lock:
+                self._observers = tuple(o for o in self._observers if o is not observer)
+
+        return remove
+
+    def _observe(
+        self,
+        name: str,
+        decision: Decision,
+        ok: bool,
+        duration: float,
+        error: BaseException | None = None,
+        fell_back: bool = False,
+    ) -> None:
+        observers = self._observers
+        if not observers:
+            return
+        try:
+            observation = Observation(
+                name, decision.variant, ok, duration, self._clock(), decision.unit, decision.reason, error, fell_back
+            )
+        except Exception as exc:
+            self._warn("observe", f"cannot build an observation: {exc!r}")
+            return
+        for observer in observers:
+            try:
+                observer(observation)
+            except Exception as exc:
+                self._warn("observer", f"observer {observer!r} failed: {exc!r}")
+
+    def canary(
+        self,
+        name: str,
+        *,
+        old: Callable[P, R],
+        context_from: ContextSource | None = None,
+        fallback_on_error: bool = False,
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorate the NEW implementation; calls run new or old per :meth:`decide`.
+
+        ``old`` is the old implementation, with the same signature. The context is the ambient one,
+        with attributes taken from the call's arguments laid over it when ``context_from`` is given:
+        a parameter name (``"user_id"``), several, a mapping of attribute → parameter name, or a
+        callable receiving the call's arguments and returning a mapping. With ``fallback_on_error=True``
+        a failure of the new version is recorded against "new" and the old version is run instead;
+        otherwise the application's exception propagates unchanged.
+        """
+        from .decorators import make_canary
+
+        return make_canary(self, name, old=old, context_from=context_from, fallback_on_error=fallback_on_error)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def rollouts(self) -> Mapping[str, Rollout]:
+        """The rollout definitions, by name."""
+        return dict(self._rollouts)
+
+    @property
+    def store(self) -> Store:
+        """The store holding the shared rollout state."""
+        return self._store
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The injected clock (POSIX seconds)."""
+        return self._clock
+
+    def _require(self, name: str) -> Rollout:
+        rollout = self._rollouts.get(name)
+        if rollout is None:
+            raise UnknownRolloutError(name, tuple(self._rollouts))
+        return rollout
+
+    def _on_store_change(self, name: str, versioned: Versioned) -> None:
+        if name in self._rollouts:
+            self._apply(name, versioned.state, versioned.version)
+
+    def _apply(self, name: str, state: RolloutState, version: int) -> None:
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            return
+        with self._lock:
+            current = compiled.live
+            if version > current.version or current.version == 0:
+                compiled.live = _Live(state, version)
+
+    def refresh(self) -> None:
+        """Re-read every rollout's state from the store (the store's change notifications normally suffice)."""
+        try:
+            everything = self._store.get_all()
+        except Exception as exc:
+            raise StoreError(f"cannot read rollout state from the store: {exc}") from exc
+        for name, versioned in everything.items():
+            if name in self._rollouts:
+                self._apply(name, versioned.state, versioned.version)
+
+    def _read(self, name: str) -> Versioned:
+        rollout = self._require(name)
+        try:
+            current = self._store.get(name)
+            if current is None:
+                state = self._initial_state(rollout)
+                record = self._record(name, "start", None, state, "router", state.reason, {})
+                self._store.compare_and_set(name, None, state, record)
+                current = self._store.get(name)
+        except CanaryError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot read the state of rollout {name!r}: {exc}") from exc
+        if current is None:  # pragma: no cover - a store that loses a write at once
+            raise StoreError(f"the store has no state for rollout {name!r}")
+        return current
+
+    def _record(
+        self,
+        name: str,
+        action: str,
+        before: RolloutState | None,
+        after: RolloutState,
+        actor: str,
+        reason: str,
+        details: Mapping[str, Any],
+    ) -> AuditRecord:
+        return AuditRecord(
+            time=after.updated_at,
+            rollout=name,
+            actor=actor,
+            action=action,
+            from_phase=None if before is None else before.phase.value,
+            to_phase=after.phase.value,
+            from_percent=None if before is None else before.percent,
+            to_percent=after.percent,
+            reason=reason,
+            details=dict(details),
+        )
+
+    def transition(
+        self,
+        name: str,
+        action: str,
+        change: Callable[[RolloutState, Rollout], RolloutState | None],
+        *,
+        actor: str,
+        reason: str = "",
+        details: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> RolloutStatus:
+        """Apply ``change`` to the rollout's state with compare-and-set and an audit record.
+
+        ``change(state, rollout)`` returns the new state, or ``None`` for "nothing to do". When
+        ``expected_version`` is given and the stored version differs, nothing is applied and
+        :class:`~canary_router.ConflictError` is raised; so is it when another writer wins the race.
+        This is the building block of every control method and of the controller.
+        """
+        rollout = self._require(name)
+        current = self._read(name)
+        if expected_version is not None and current.version != expected_version:
+            raise ConflictError(
+                f"rollout {name!r} is at version {current.version}, not {expected_version}: it changed "
+                "since you looked; nothing was applied"
+            )
+        new_state = change(current.state, rollout)
+        if new_state is None:
+            self._apply(name, current.state, current.version)
+            return self.status(name)
+        record = self._record(name, action, current.state, new_state, actor, reason or new_state.reason, details or {})
+        try:
+            version = self._store.compare_and_set(name, current.version, new_state, record)
+        except ConflictError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot write the state of rollout {name!r}: {exc}") from exc
+        self._apply(name, new_state, version)
+        return self.status(name)
+
+    def _state(self, before: RolloutState, **changes: Any) -> RolloutState:
+        return replace(before, updated_at=self._clock(), **changes)
+
+    def set_percent(
+        self, name: str, percent: float, *, actor: str = "api", reason: str = "", expected_version: int | None = None
+    ) -> RolloutStatus:
+        """Serve the new version to ``percent`` % (0..100) of units. Paused stays paused; otherwise running."""
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not math.isfinite(percent):
+            raise ValueError(f"percent must be a number in [0, 100], got {percent!r}")
+        if not 0 <= percent <= 100:
+            raise ValueError(f"percent must be in [0, 100], got {percent!r}")
+        if abs(percent * 100 - round(percent * 100)) > 1e-6:
+            raise ValueError(f"percent has a resolution of 0.01, got {percent!r}")
+        pct = float(percent)
+        why = reason or f"percentage set to {pct:g} %"
+
+        def change(state: RolloutState, rollout: Rollout) -> RolloutState | None:
+            phase = Phase.PAUSED if state.phase is Phase.PAUSED else Phase.RUNNING
+            if state.percent == pct and state.phase is phase:
+                return None
+            return self._state(
+                state, phase=phase, percent=pct, step_index=_step_index_for(rollout.steps, pct), reason=why, actor=actor
+            )
+
+        return self.transition(name, "set_percent", change, actor=actor, reason=why, expected_version=expected_version)
+
+    def promote(
+        self, name: str, *, actor: str = "api", reason: str = "", expected_version: int | None = None
+    ) -> RolloutStatus:
+        """Move to the next step; at the last step, complete the rollout (everyone gets "new")."""
+
+        def change(state: RolloutState, rollout: Rollout) -> RolloutState:
+            if state.phase is Phase.COMPLETED:
+                raise TransitionError(f"rollout {name!r} is already completed")
+            if state.phase is Phase.ROLLED_BACK:
+                raise TransitionError(f"rollout {name!r} is rolled back; use restart to begin again")
+            nxt = state.step_index + 1
+            if nxt >= len(rollout.steps):
+                why = reason or "promoted past the last step: completed"
+                return self._state(state, phase=Phase.COMPLETED, percent=100.0, reason=why, actor=actor)
+            pct = rollout.steps[nxt]
+            why = reason or f"promoted to step {nxt + 1} of {len(rollout.steps)} ({pct:g} %)"
+            return self._state(state, phase=Phase.RUNNING, step_index=nxt, percent=pct, reason=why, actor=actor)
+
+        return self.transition(name, "promote", change, actor=actor, reason=reason, expected_version=expected_version)
+
+    def pause(
+        self, name: str, *, actor: str = "api", reason: str = "", expected_version: int | None = None
+    ) -> RolloutStatus:
+        """Freeze the rollout at its current percentage. Pausing a paused rollout changes nothing."""
+        why = reason or "paused"
+
+        def change(state: RolloutState, rollout: Rollout) -> RolloutState | None:
+            if state.phase is Phase.PAUSED:
+                return None
+            if state.phase is not Phase.RUNNING:
+                raise TransitionError(f"rollout {name!r} is {state.phase.value}; only a running rollout can pause")
+            return self._state(state, phase=Phase.PAUSED, reason=why, actor=actor)
+
+        return self.transition(name, "pause", change, actor=actor, reason=why, expected_version=expected_version)
+
+    def resume(
+        self, name: str, *, actor: str = "api", reason: str = "", expected_version: int | None = None
+    ) -> RolloutStatus:
+        """Resume a paused rollout. Resuming a running rollout changes nothing."""
+        why = reason or "resumed"
+
+        def change(state: RolloutState, rollout: Rollout) -> RolloutState | None:
+            if state.phase is Phase.RUNNING:
+                return None
+            if state.phase is not Phase.PAUSED:
+                raise TransitionError(
+                    f"rollout {name!r} is {state.phase.value}; only a paused rollout can resume (use restart)"
+                )
+            return self._state(state, phase=Phase.RUNNING, reason=why, actor=actor)
+
+        return self.transition(name, "resume", change, actor=actor, reason=why, expected_version=expected_version)
+
+    def rollback(
+        self,
+        name: str,
+        reason: str = "",
+        *,
+        actor: str = "api",
+        details: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> RolloutStatus:
+        """Send everyone to "old", rule-targeted users included. Rolling back twice changes nothing."""
+        why = reason or "rolled back"
+
+        def change(state: RolloutState, rollout: Rollout) -> RolloutState | None:
+            if state.phase is Phase.ROLLED_BACK:
+                return None
+            return self._state(state, phase=Phase.ROLLED_BACK, percent=0.0, reason=why, actor=actor)
+
+        return self.transition(
+            name, "rollback", change, actor=actor, reason=why, details=details, expected_version=expected_version
+        )
+
+    def restart(
+        self, name: str, *, actor: str = "api", reason: str = "", expected_version: int | None = None
+    ) -> RolloutStatus:
+        """Start again at the first step, running (after a rollback, a completion or at any time)."""
+        why = reason or "restarted at the first step"
+
+        def change(state: RolloutState, rollout: Rollout) -> RolloutState:
+            return self._state(
+                state, phase=Phase.RUNNING, step_index=0, percent=rollout.steps[0], reason=why, actor=actor
+            )
+
+        return self.transition(name, "restart", change, actor=actor, reason=why, expected_version=expected_version)
+
+    def status(self, name: str, *, history: int | None = 100) -> RolloutStatus:
+        """Return the rollout's phase, step, percentage and its latest ``history`` transitions (oldest first)."""
+        rollout = self._require(name)
+        current = self._read(name)
+        try:
+            records = tuple(self._store.history(name, history))
+        except Exception as exc:
+            raise StoreError(f"cannot read the audit log of rollout {name!r}: {exc}") from exc
+        state = current.state
+        return RolloutStatus(
+            name=name,
+            phase=state.phase,
+            step_index=state.step_index,
+            percent=state.percent,
+            steps=rollout.steps,
+            version=current.version,
+            updated_at=state.updated_at,
+            reason=state.reason,
+            history=records,
+        )
+
+    def statuses(self) -> Iterator[RolloutStatus]:
+        """Yield :meth:`status` for every rollout, in configuration order."""
+        for name in self._rollouts:
+            yield self.status(name)
+
+    def close(self) -> None:
+        """Stop listening to the store and release it."""
+        try:
+            self._unsubscribe()
+        finally:
+            self._store.close()
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Router(rollouts={list(self._rollouts)!r}, store={type(self._store).__name__})"
+
+
+def _condition_mapping(cond: Condition | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(cond, Mapping):
+        return cond
+    return {
+        "attribute": cond.attribute,
+        "operator": cond.operator,
+        "values": list(cond.values),
+        "inverted": cond.inverted,
+        "case_insensitive": cond.case_insensitive,
+    }
