@@ -42,7 +42,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def validate(files: Sequence[str], as_json: bool) -> None:
     """Validate config FILES (TOML, YAML or JSON); print every problem, exit 1 if any."""
-    console = Console(stderr=False, highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     results: list[dict[str, Any]] = []
     failed = False
     for file in files:
