@@ -5,9 +5,11 @@ path, applies targeting rules, and keeps rollout state in a shared store with an
 """
 
 from ._version import __version__
+from .analysis import CheckResult, Outcome, Verdict
 from .bucketing import bucket
 from .config import Config, load_config, load_file
 from .context import Context, current_context, use_context
+from .controller import Action, Controller
 from .errors import (
     CanaryError,
     ConfigError,
@@ -31,22 +33,29 @@ from .model import (
     Rule,
     Variant,
 )
+from .notify import Webhook
+from .observe import StepSnapshot, VariantSnapshot
 from .router import Router
+from .shadow import ShadowStats
 from .stores import MemoryStore, Store, Versioned
 
 __all__ = [
+    "Action",
     "AuditRecord",
     "CanaryError",
+    "CheckResult",
     "Condition",
     "Config",
     "ConfigError",
     "ConfigIssue",
     "ConflictError",
     "Context",
+    "Controller",
     "Decision",
     "GuardConfig",
     "MemoryStore",
     "Observation",
+    "Outcome",
     "Phase",
     "Reason",
     "Rollout",
@@ -54,12 +63,17 @@ __all__ = [
     "RolloutStatus",
     "Router",
     "Rule",
+    "ShadowStats",
+    "StepSnapshot",
     "Store",
     "StoreError",
     "TransitionError",
     "UnknownRolloutError",
     "Variant",
+    "VariantSnapshot",
+    "Verdict",
     "Versioned",
+    "Webhook",
     "__version__",
     "bucket",
     "current_context",

@@ -19,16 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ConfigIssue
-from .model import Condition, GuardConfig, Phase, Rollout, Rule
+from .model import DEFAULT_STEPS, Condition, GuardConfig, Phase, Rollout, Rule
 from .rules import MULTI_VALUE_OPERATORS, OPERATORS, ConditionValueError, compile_condition
 
 __all__ = ["Config", "load_config", "load_file", "parse_duration"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION = re.compile(
+    r"^(?:\d+(?:\.\d+)?w)?(?:\d+(?:\.\d+)?d)?(?:\d+(?:\.\d+)?h)?(?:\d+(?:\.\d+)?m(?!s))?"
+    r"(?:\d+(?:\.\d+)?s)?(?:\d+(?:\.\d+)?ms)?$"
+)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
-TOP_KEYS = ("rollouts", "segments")
+TOP_KEYS = ("rollouts", "segments", "notifications")
+NOTIFICATION_KEYS = ("webhooks", "timeout", "retries")
 ROLLOUT_KEYS = (
     "description",
     "stickiness",
@@ -39,6 +44,8 @@ ROLLOUT_KEYS = (
     "start",
     "rules",
     "guard",
+    "shadow",
+    "require_approval",
 )
 GUARD_KEYS = tuple(f.name for f in fields(GuardConfig))
 RULE_KEYS = ("name", "description", "when", "segments", "serve", "percent")
@@ -52,6 +59,10 @@ class Config:
 
     rollouts: Mapping[str, Rollout] = field(default_factory=dict)
     segments: Mapping[str, tuple[Condition, ...]] = field(default_factory=dict)
+    webhooks: tuple[str, ...] = ()
+    """URLs that receive every state transition as a JSON POST (Slack-compatible ``text``)."""
+    webhook_timeout: float = 5.0
+    webhook_retries: int = 3
 
 
 class _Issues:
@@ -68,15 +79,29 @@ class _Issues:
             raise ConfigError(self.items)
 
 
+def _repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except ValueError:  # an int with more digits than str() allows
+        return f"<{type(value).__name__} too large to show>"
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    text = _repr(value)
     if len(text) > 80:
         text = text[:77] + "..."
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return text
     return f"{text} ({type(value).__name__})"
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
 
 
 def _check_keys(table: Mapping[str, Any], allowed: Sequence[str], path: str, issues: _Issues) -> None:
@@ -111,13 +136,15 @@ def parse_duration(value: Any) -> float:
     expected = "expected a duration such as '90s', '15m', '1h' or '1h30m' (or seconds as a number)"
     if _is_number(value):
         if value < 0:
-            raise ValueError(f"{expected}, got a negative number {value!r}")
+            raise ValueError(f"{expected}, got a negative number {_repr(value)}")
         return float(value)
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
-        if text and _DURATION_PART.sub("", text) == "":
-            return sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
-    raise ValueError(f"{expected}, got {value!r}")
+        if text and len(text) <= 64 and _DURATION.match(text):
+            total = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+            if math.isfinite(total):
+                return total
+    raise ValueError(f"{expected}, got {_repr(value)}")
 
 
 def _duration(value: Any, path: str, issues: _Issues) -> float | None:
@@ -212,7 +239,18 @@ def _guard(value: Any, path: str, issues: _Issues) -> GuardConfig | None:
         "latency_percentile": (lambda v: 0 < v < 100, "a percentile in (0, 100), e.g. 95", False, False),
         "min_requests": (lambda v: v >= 0, "a whole number >= 0", True, False),
         "alpha": (lambda v: 0 < v < 0.5, "a number in (0, 0.5), e.g. 0.01", False, False),
+        "max_tail_increase": (lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.01, or leave it out", False, True),
+        "tail_percentile": (lambda v: 0 < v < 100, "a percentile in (0, 100), e.g. 99", False, False),
+        "srm_alpha": (lambda v: 0 < v < 0.5, "a number in (0, 0.5), e.g. 0.001", False, False),
     }
+    if table.get("latency_slo") is not None:
+        slo = _duration(table["latency_slo"], f"{path}.latency_slo", issues)
+        if slo is not None and slo <= 0:
+            issues.add(
+                f"{path}.latency_slo",
+                f"expected a positive duration such as '250ms', got {_describe(table['latency_slo'])}",
+            )
+        out["latency_slo"] = slo
     for key, (check, expected, integer, optional) in specs.items():
         if key not in table:
             continue
@@ -433,6 +471,22 @@ def _rollout_fields(
         out["guard"] = _guard(table["guard"], f"{path}.guard", issues)
     if "rules" in table:
         out["rules"] = _rules(table["rules"], f"{path}.rules", issues, segments)
+    if "shadow" in table:
+        shadow = table["shadow"]
+        if not isinstance(shadow, bool):
+            issues.add(f"{path}.shadow", f"expected true or false, got {_describe(shadow)}")
+        out["shadow"] = bool(shadow)
+    if table.get("require_approval"):
+        gates = _list(table["require_approval"], f"{path}.require_approval", issues, "a list of step percentages")
+        steps = out.get("steps") or (DEFAULT_STEPS if "steps" not in table else None)
+        if gates is not None and steps is not None:
+            for index, gate in enumerate(gates):
+                if not _is_number(gate) or not any(abs(gate - s) < 1e-9 for s in steps):
+                    issues.add(
+                        f"{path}.require_approval[{index}]",
+                        f"expected one of the steps ({', '.join(f'{s:g}' for s in steps)}), got {_describe(gate)}",
+                    )
+            out["require_approval"] = tuple(float(g) for g in gates if _is_number(g))
     bake, max_bake = out.get("bake_time"), out.get("max_bake_time")
     if bake is not None and max_bake is not None and bake > max_bake:
         issues.add(
@@ -460,6 +514,8 @@ def _check_rollout_object(rollout: Rollout) -> None:
         "start": rollout.start.value if isinstance(rollout.start, Phase) else rollout.start,
         "guard": rollout.guard,
         "rules": rollout.rules,
+        "shadow": rollout.shadow,
+        "require_approval": rollout.require_approval,
     }
     out = _rollout_fields(rollout.name, table, path, issues, None)
     issues.raise_if_any()
@@ -517,8 +573,30 @@ def load_config(data: Mapping[str, Any], *, source: str | None = None) -> Config
             out = _rollout_fields(name, fields_table, path, issues, known_segments)
             if out is not None and not issues.items:
                 rollouts[name] = Rollout(**out)
+    webhooks: list[str] = []
+    webhook_options: dict[str, Any] = {}
+    if "notifications" in data:
+        notes = _table(data["notifications"], "notifications", issues)
+        if notes is not None:
+            _check_keys(notes, NOTIFICATION_KEYS, "notifications", issues)
+            urls = _list(notes.get("webhooks", []), "notifications.webhooks", issues, "a list of URLs")
+            for index, url in enumerate(urls or []):
+                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                    issues.add(f"notifications.webhooks[{index}]", f"expected an http(s) URL, got {_describe(url)}")
+                else:
+                    webhooks.append(url)
+            if "timeout" in notes:
+                timeout = _duration(notes["timeout"], "notifications.timeout", issues)
+                if timeout is not None:
+                    webhook_options["webhook_timeout"] = timeout
+            if "retries" in notes:
+                retries = notes["retries"]
+                if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 10:
+                    issues.add("notifications.retries", f"expected a whole number in [0, 10], got {_describe(retries)}")
+                else:
+                    webhook_options["webhook_retries"] = retries
     issues.raise_if_any()
-    return Config(rollouts=rollouts, segments=segments)
+    return Config(rollouts=rollouts, segments=segments, webhooks=tuple(webhooks), **webhook_options)
 
 
 class _UniqueKeyLoader:
@@ -535,7 +613,11 @@ class _UniqueKeyLoader:
             seen: set[Any] = set()
             for key_node, _ in node.value:
                 key = loader.construct_object(key_node, deep=deep)
-                if key in seen:
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: SafeLoader reports it as a YAML error below
+                    continue
+                if duplicate:
                     line = key_node.start_mark.line + 1
                     raise ConfigError(ConfigIssue(source, f"line {line}: duplicate key {key!r}"))
                 seen.add(key)
@@ -544,7 +626,9 @@ class _UniqueKeyLoader:
         Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
         try:
             return yaml.load(text, Loader=Loader)  # noqa: S506  # a SafeLoader subclass
-        except yaml.YAMLError as exc:
+        except ConfigError:
+            raise
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an integer too long to convert
             raise ConfigError(ConfigIssue(source, f"invalid YAML: {exc}")) from None
 
 
@@ -569,12 +653,14 @@ def load_file(path: str | Path) -> Config:
     elif suffix == ".json":
         try:
             data = json.loads(text, object_pairs_hook=_json_unique(source))
-        except json.JSONDecodeError as exc:
+        except ConfigError:
+            raise
+        except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
             raise ConfigError(ConfigIssue(source, f"invalid JSON: {exc}")) from None
     elif suffix == ".toml":
         try:
             data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+        except ValueError as exc:  # TOMLDecodeError, or an integer too long to convert
             raise ConfigError(ConfigIssue(source, f"invalid TOML: {exc}")) from None
     else:
         raise ConfigError(

@@ -8,8 +8,7 @@ read it without it being passed around.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any, Literal
 
 __all__ = ["Context", "current_context", "use_context"]
@@ -122,25 +121,45 @@ def current_context() -> Context:
     return _current.get()
 
 
-@contextmanager
-def use_context(
-    attributes: Mapping[str, Any] | None = None,
-    /,
-    *,
-    replace: bool = False,
-    overrides: Mapping[str, Variant] | None = None,
-    **kwargs: Any,
-) -> Iterator[Context]:
+class use_context:  # used as a function: ``with use_context(...)``
     """Make a context ambient for the ``with`` block, for this thread or asyncio task only.
 
     The new attributes are laid over the enclosing ambient context (so a decorator deep inside a
     request sees both the middleware's attributes and yours); ``replace=True`` starts from empty.
-    Yields the context now in force.
+    The ``with`` statement yields the context now in force.
     """
-    base = _EMPTY_CONTEXT if replace else _current.get()
-    ctx = base.merge(attributes, overrides=overrides, **kwargs)
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(
+        self,
+        attributes: Mapping[str, Any] | None = None,
+        /,
+        *,
+        replace: bool = False,
+        overrides: Mapping[str, Variant] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        base = _EMPTY_CONTEXT if replace else _current.get()
+        if base is _EMPTY_CONTEXT and not overrides and type(attributes) is not Context:
+            if attributes:
+                attrs = dict(attributes)
+                attrs.update(kwargs)
+            else:
+                attrs = kwargs
+            ctx = Context.__new__(Context)
+            object.__setattr__(ctx, "_attrs", attrs)
+            object.__setattr__(ctx, "_overrides", _EMPTY)
+            self._context = ctx
+        else:
+            self._context = base.merge(attributes, overrides=overrides, **kwargs)
+        self._token: Token[Context] | None = None
+
+    def __enter__(self) -> Context:
+        self._token = _current.set(self._context)
+        return self._context
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeAlias, TypeVar, cast
 
 from .context import _EMPTY_CONTEXT, Context, _current
+from .model import Decision, Reason
+from .shadow import ShadowStats
 
 if TYPE_CHECKING:
     from .router import Router
@@ -28,6 +32,7 @@ ContextSource: TypeAlias = "str | Sequence[str] | Mapping[str, str] | Callable[.
 """
 
 _MISSING = object()
+_SHADOW = Reason.SHADOW
 Extractor = Callable[[tuple[Any, ...], dict[str, Any]], Mapping[str, Any]]
 
 
@@ -86,6 +91,48 @@ def _extractor(func: Callable[..., Any], source: Any) -> Extractor | None:
     )
 
 
+class _ShadowRun:
+    """Joins the old (served) and the new (shadow) result of one call, then compares them once."""
+
+    __slots__ = ("args", "compare", "kwargs", "lock", "new", "old", "pending", "router", "stats")
+
+    def __init__(
+        self,
+        router: Router,
+        stats: ShadowStats,
+        compare: Callable[[Any, Any], bool] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.router = router
+        self.stats = stats
+        self.compare = compare
+        self.args = args
+        self.kwargs = kwargs
+        self.lock = threading.Lock()
+        self.pending = 2
+        self.old: Any = _MISSING
+        self.new: Any = _MISSING
+
+    def done(self, side: str, value: Any) -> None:
+        """Record one side's result (``_MISSING`` when it failed); compares when both are in."""
+        with self.lock:
+            setattr(self, side, value)
+            self.pending -= 1
+            ready = self.pending == 0
+        if not ready or self.old is _MISSING or self.new is _MISSING:
+            return
+        try:
+            same = self.compare(self.old, self.new) if self.compare is not None else self.old == self.new
+        except Exception as exc:
+            self.router._warn("shadow-compare", f"shadow compare failed: {exc!r}")
+            return
+        if same:
+            self.stats._add(compared=1)
+        else:
+            self.stats.mismatch(self.router.clock(), self.args, self.kwargs, self.old, self.new)
+
+
 def make_canary(
     router: Router,
     name: str,
@@ -93,10 +140,18 @@ def make_canary(
     old: Callable[P, R],
     context_from: ContextSource | None,
     fallback_on_error: bool,
+    mode: str = "route",
+    compare: Callable[[Any, Any], bool] | None = None,
+    shadow_timeout: float = 5.0,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Build the decorator behind :meth:`Router.canary`."""
     if not callable(old):
         raise TypeError(f"canary({name!r}): old must be a callable, got {old!r}")
+    if mode not in ("route", "shadow"):
+        raise ValueError(f"canary({name!r}): mode must be 'route' or 'shadow', got {mode!r}")
+    if shadow_timeout <= 0:
+        raise ValueError(f"canary({name!r}): shadow_timeout must be > 0, got {shadow_timeout!r}")
+    always_shadow = mode == "shadow"
 
     def decorate(new: Callable[P, R]) -> Callable[P, R]:
         is_async = inspect.iscoroutinefunction(new)
@@ -125,14 +180,62 @@ def make_canary(
                 return found
             return ambient.merge(found)
 
+        def shadowed(decision: Decision) -> bool:
+            return decision[1] is _SHADOW or (always_shadow and decision[0] == "new")
+
+        def shadow_decision(decision: Decision) -> Decision:
+            return decision if decision[1] is _SHADOW else decision._replace(variant="old", reason=_SHADOW)
+
         if is_async:
             new_async = cast(Callable[..., Awaitable[Any]], new)
             old_async = cast(Callable[..., Awaitable[Any]], old)
+            tasks: set[asyncio.Task[None]] = set()
+
+            async def shadow_new(
+                run: _ShadowRun, decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> None:
+                start = perf_counter()
+                try:
+                    value = await asyncio.wait_for(new_async(*args, **kwargs), shadow_timeout)
+                except Exception as exc:
+                    timed_out = isinstance(exc, TimeoutError)
+                    run.stats._add(errors=1, timeouts=int(timed_out))
+                    observe(name, decision, False, perf_counter() - start, exc, variant="new")
+                    run.done("new", _MISSING)
+                    return
+                observe(name, decision, True, perf_counter() - start, variant="new")
+                run.done("new", value)
+
+            async def async_shadow(decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                decision = shadow_decision(decision)
+                stats = router.shadow_stats(name)
+                run: _ShadowRun | None = None
+                if len(tasks) < router.shadow_max_pending:
+                    run = _ShadowRun(router, stats, compare, args, kwargs)
+                    task = asyncio.get_running_loop().create_task(shadow_new(run, decision, args, kwargs))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                else:
+                    stats._add(skipped=1)
+                start = perf_counter()
+                try:
+                    result = await old_async(*args, **kwargs)
+                except Exception as exc:
+                    observe(name, decision, False, perf_counter() - start, exc)
+                    if run is not None:
+                        run.done("old", _MISSING)
+                    raise
+                observe(name, decision, True, perf_counter() - start)
+                if run is not None:
+                    run.done("old", result)
+                return result
 
             @functools.wraps(new)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                decision = decide(name, context_for(args, kwargs))
-                is_new = decision.variant == "new"
+                decision = decide(name, context_for(args, kwargs) if extract is not None else None)
+                if shadowed(decision):
+                    return await async_shadow(decision, args, kwargs)
+                is_new = decision[0] == "new"
                 start = perf_counter()
                 try:
                     result = await (new_async if is_new else old_async)(*args, **kwargs)
@@ -151,10 +254,53 @@ def make_canary(
             new_sync = cast(Callable[..., Any], new)
             old_sync = cast(Callable[..., Any], old)
 
+            def shadow_new_sync(
+                run: _ShadowRun, decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> None:
+                start = perf_counter()
+                try:
+                    value = new_sync(*args, **kwargs)
+                except Exception as exc:
+                    run.stats._add(errors=1)
+                    observe(name, decision, False, perf_counter() - start, exc, variant="new")
+                    run.done("new", _MISSING)
+                    return
+                elapsed = perf_counter() - start
+                if elapsed > shadow_timeout:
+                    run.stats._add(errors=1, timeouts=1)
+                    error = TimeoutError(f"shadow run took {elapsed:.3f} s (timeout {shadow_timeout:g} s)")
+                    observe(name, decision, False, elapsed, error, variant="new")
+                    run.done("new", _MISSING)
+                    return
+                observe(name, decision, True, elapsed, variant="new")
+                run.done("new", value)
+
+            def sync_shadow(decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                decision = shadow_decision(decision)
+                stats = router.shadow_stats(name)
+                run: _ShadowRun | None = _ShadowRun(router, stats, compare, args, kwargs)
+                if not router.shadow_pool.try_submit(shadow_new_sync, run, decision, args, kwargs):
+                    stats._add(skipped=1)
+                    run = None
+                start = perf_counter()
+                try:
+                    result = old_sync(*args, **kwargs)
+                except Exception as exc:
+                    observe(name, decision, False, perf_counter() - start, exc)
+                    if run is not None:
+                        run.done("old", _MISSING)
+                    raise
+                observe(name, decision, True, perf_counter() - start)
+                if run is not None:
+                    run.done("old", result)
+                return result
+
             @functools.wraps(new)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                decision = decide(name, context_for(args, kwargs))
-                is_new = decision.variant == "new"
+                decision = decide(name, context_for(args, kwargs) if extract is not None else None)
+                if shadowed(decision):
+                    return sync_shadow(decision, args, kwargs)
+                is_new = decision[0] == "new"
                 start = perf_counter()
                 try:
                     result = (new_sync if is_new else old_sync)(*args, **kwargs)

@@ -46,6 +46,8 @@ class Reason(enum.StrEnum):
     """A targeting rule with ``percent`` matched; the unit's bucket decided."""
     SPLIT = "split"
     """No rule matched; the unit's bucket and the step's percentage decided."""
+    SHADOW = "shadow"
+    """The unit is in the shadow cohort: "old" is served and the new version runs alongside, unseen."""
     NO_UNIT = "no_unit"
     """The context has none of the stickiness attributes, so the unit cannot be bucketed: "old"."""
     UNKNOWN_ROLLOUT = "unknown_rollout"
@@ -66,6 +68,7 @@ _OPENFEATURE_REASONS = {
     Reason.RULE_MATCH: "TARGETING_MATCH",
     Reason.RULE_SPLIT: "SPLIT",
     Reason.SPLIT: "SPLIT",
+    Reason.SHADOW: "SPLIT",
     Reason.NO_UNIT: "DEFAULT",
     Reason.UNKNOWN_ROLLOUT: "ERROR",
     Reason.ERROR: "ERROR",
@@ -140,7 +143,15 @@ class GuardConfig:
     min_requests: int = 500
     """Requests per variant before any verdict but the circuit breaker."""
     alpha: float = 0.01
-    """False-rollback budget of the anytime-valid tests, in (0, 0.5)."""
+    """False-rollback budget of the anytime-valid tests, in (0, 0.5), split across the failing checks."""
+    max_tail_increase: float | None = 0.01
+    """New minus old share of requests slower than the tail threshold above which the new version fails."""
+    tail_percentile: float = 99.0
+    """The old version's percentile that sets the tail threshold (unless ``latency_slo`` is set)."""
+    latency_slo: float | None = None
+    """A latency objective in seconds; when set it is the tail threshold instead of the old percentile."""
+    srm_alpha: float = 0.001
+    """Level of the sample-ratio-mismatch test (a mismatch pauses the rollout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +171,10 @@ class Rollout:
     description: str = ""
     rules: tuple[Rule, ...] = ()
     guard: GuardConfig = field(default_factory=GuardConfig)
+    shadow: bool = False
+    """Start with a shadow step: the first step's cohort is served "old" while "new" runs alongside."""
+    require_approval: tuple[float, ...] = ()
+    """Step percentages the controller will not enter on its own: it pauses and waits for a manual promote."""
 
     def __post_init__(self) -> None:
         from .config import _check_rollout_object
@@ -184,6 +199,12 @@ class RolloutState:
     updated_at: float
     reason: str = ""
     actor: str = ""
+    epoch: int = 0
+    """Grows by one whenever the served cohort changes (a new step); statistics restart with it."""
+    step_started_at: float = 0.0
+    """When the current step began (bake times count from here)."""
+    shadow: bool = False
+    """In the shadow step: everyone is served "old"; the ``percent`` cohort also runs "new" unseen."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -194,6 +215,9 @@ class RolloutState:
             "updated_at": self.updated_at,
             "reason": self.reason,
             "actor": self.actor,
+            "epoch": self.epoch,
+            "step_started_at": self.step_started_at,
+            "shadow": self.shadow,
         }
 
     @classmethod
@@ -206,6 +230,9 @@ class RolloutState:
             updated_at=float(data["updated_at"]),
             reason=str(data.get("reason", "")),
             actor=str(data.get("actor", "")),
+            epoch=int(data.get("epoch", 0)),
+            step_started_at=float(data.get("step_started_at", 0.0)),
+            shadow=bool(data.get("shadow", False)),
         )
 
 
@@ -274,6 +301,9 @@ class RolloutStatus:
     reason: str
     history: tuple[AuditRecord, ...]
     """Transitions, oldest first (bounded by the store)."""
+    epoch: int = 0
+    step_started_at: float = 0.0
+    shadow: bool = False
 
     @property
     def step(self) -> float | None:

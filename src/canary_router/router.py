@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import mmh3
 
@@ -32,11 +32,16 @@ from .model import (
     RolloutStatus,
     Variant,
 )
+from .notify import Notifier, Webhook
+from .observe import Aggregator
 from .rules import Predicate, compile_condition
+from .shadow import ShadowPool, ShadowStats
 from .stores.base import Store, Versioned
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
+    from .analysis import Check
+    from .controller import Controller
     from .decorators import ContextSource
 
 __all__ = ["Router"]
@@ -59,6 +64,7 @@ _FULL = {
     Reason.RULE_SPLIT: (Decision(OLD, Reason.RULE_SPLIT, None), Decision(NEW, Reason.RULE_SPLIT, None)),
 }
 _SPLIT = Reason.SPLIT
+_SHADOW = Reason.SHADOW
 _RULE_SPLIT = Reason.RULE_SPLIT
 _hash = mmh3.hash
 _new_decision = tuple.__new__
@@ -78,11 +84,13 @@ class _Rule:
 class _Live:
     """The locally known state of a rollout, swapped whole on every change (never mutated)."""
 
-    __slots__ = ("fixed", "state", "threshold", "version")
+    __slots__ = ("epoch", "fixed", "shadow", "state", "threshold", "version")
 
     def __init__(self, state: RolloutState, version: int):
         self.fixed = {Phase.ROLLED_BACK: _ROLLED_BACK, Phase.COMPLETED: _COMPLETED}.get(state.phase)
         self.threshold = threshold(state.percent)
+        self.shadow = state.shadow
+        self.epoch = state.epoch
         self.state = state
         self.version = version
 
@@ -124,8 +132,20 @@ class Router:
         store: Store | None = None,
         segments: Mapping[str, Sequence[Condition | Mapping[str, Any]]] | None = None,
         clock: Callable[[], float] | None = None,
+        record: bool = True,
+        webhooks: Sequence[str | Webhook] = (),
     ) -> None:
         self._clock: Callable[[], float] = clock or time.time
+        self._aggregator: Aggregator | None = Aggregator() if record else None
+        self._checks: dict[str, tuple[Check, ...]] = {}
+        self._notifier = Notifier()
+        self._controller: Controller | None = None
+        self._shadow: dict[str, ShadowStats] = {}
+        self._shadow_pool: ShadowPool | None = None
+        self.shadow_max_pending = 64
+        """At most this many shadow runs wait or run at once; beyond it shadow runs are skipped (and counted)."""
+        for hook in webhooks:
+            self._notifier.subscribe(hook if isinstance(hook, Webhook) else Webhook(hook))
         self._store: Store = store if store is not None else MemoryStore()
         self._rollouts = self._collect(rollouts, segments)
         self._segments = self._compile_segments(segments)
@@ -152,7 +172,10 @@ class Router:
     ) -> Router:
         """Build a router from a configuration mapping (the shape of the TOML file) or a loaded :class:`Config`."""
         loaded = config if isinstance(config, Config) else load_config(config)
-        return cls(loaded.rollouts.values(), store=store, segments=loaded.segments, clock=clock)
+        hooks = [
+            Webhook(url, timeout=loaded.webhook_timeout, retries=loaded.webhook_retries) for url in loaded.webhooks
+        ]
+        return cls(loaded.rollouts.values(), store=store, segments=loaded.segments, clock=clock, webhooks=hooks)
 
     @classmethod
     def from_file(
@@ -229,15 +252,21 @@ class Router:
     def _initial_state(self, rollout: Rollout) -> RolloutState:
         if rollout.start is Phase.PAUSED:
             reason = "configured to start paused"
+        elif rollout.shadow:
+            reason = "first seen: starting with the shadow step"
         else:
             reason = "first seen: starting at the first step"
+        now = self._clock()
         return RolloutState(
             phase=rollout.start,
-            step_index=0,
+            step_index=-1 if rollout.shadow else 0,
             percent=rollout.steps[0],
-            updated_at=self._clock(),
+            updated_at=now,
             reason=reason,
             actor="router",
+            epoch=1,
+            step_started_at=now,
+            shadow=rollout.shadow,
         )
 
     def _initial_live(self, rollout: Rollout) -> _Live:
@@ -288,9 +317,8 @@ class Router:
             if kind is dict:
                 attrs: Mapping[str, Any] = context
             elif kind is Context:
-                ctx = cast(Context, context)
-                attrs = ctx._attrs
-                overrides = ctx._overrides
+                attrs = context._attrs  # type: ignore[attr-defined]
+                overrides = context._overrides  # type: ignore[attr-defined]
                 if overrides:
                     chosen = overrides.get(name)
                     if chosen is not None:
@@ -325,16 +353,21 @@ class Router:
             else:
                 unit = None
             if unit is None:
+                if limit <= 0 or live.shadow:
+                    return _FULL[reason][0]
                 if limit >= 10000:
                     return _FULL[reason][1]
-                if limit <= 0:
-                    return _FULL[reason][0]
                 return _NO_UNIT
             if type(unit) is not str:
                 unit = str(unit)
+            # the v1 bucket (bucketing.bucket), inlined to save a call on the hot path
             h = _hash((compiled.prefix + unit).encode(), 0, False)
             b = (h % 100) * 100 + (h // 100) % 100
-            return _new_decision(Decision, (NEW if b < limit else OLD, reason, b, unit))
+            if b < limit:
+                if live.shadow:
+                    return _new_decision(Decision, (OLD, _SHADOW, b, unit))
+                return _new_decision(Decision, (NEW, reason, b, unit))
+            return _new_decision(Decision, (OLD, reason, b, unit))
         except Exception as exc:  # the hot path never raises because of us
             self._warn("decide", f"decide({name!r}) failed, serving 'old': {exc!r}")
             return _ERROR
@@ -378,16 +411,33 @@ class Router:
         duration: float,
         error: BaseException | None = None,
         fell_back: bool = False,
+        variant: Variant | None = None,
     ) -> None:
-        observers = self._observers
-        if not observers:
-            return
+        """Record one routed call: into the guard's aggregates, then to the observers (never raises)."""
         try:
-            observation = Observation(
-                name, decision.variant, ok, duration, self._clock(), decision.unit, decision.reason, error, fell_back
-            )
+            compiled = self._compiled.get(name)
+            if compiled is None:
+                return
+            now = self._clock()
+            served = variant or decision[0]
+            reason = decision[1]
+            if self._aggregator is not None:
+                self._aggregator.record(
+                    name,
+                    compiled.live.epoch,
+                    served,
+                    ok,
+                    duration,
+                    decision[3],
+                    reason is _SPLIT,
+                    now,
+                )
+            observers = self._observers
+            if not observers:
+                return
+            observation = Observation(name, served, ok, duration, now, decision[3], reason, error, fell_back)
         except Exception as exc:
-            self._warn("observe", f"cannot build an observation: {exc!r}")
+            self._warn("observe", f"cannot record an observation: {exc!r}")
             return
         for observer in observers:
             try:
@@ -402,6 +452,9 @@ class Router:
         old: Callable[P, R],
         context_from: ContextSource | None = None,
         fallback_on_error: bool = False,
+        mode: str = "route",
+        compare: Callable[[Any, Any], bool] | None = None,
+        shadow_timeout: float = 5.0,
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """Decorate the NEW implementation; calls run new or old per :meth:`decide`.
 
@@ -411,10 +464,36 @@ class Router:
         callable receiving the call's arguments and returning a mapping. With ``fallback_on_error=True``
         a failure of the new version is recorded against "new" and the old version is run instead;
         otherwise the application's exception propagates unchanged.
+
+        ``mode="shadow"`` never serves the new version: for units the rollout would give "new", the old
+        result is served and the new version runs alongside (a background task for async code, a bounded
+        thread pool for sync code, cut off after ``shadow_timeout`` seconds); results are compared with
+        ``compare(old, new) -> bool`` (default ``==``) and the new version's errors and latency are
+        recorded for the guard. In a rollout's shadow step every decorated call behaves like this.
         """
         from .decorators import make_canary
 
-        return make_canary(self, name, old=old, context_from=context_from, fallback_on_error=fallback_on_error)
+        return make_canary(
+            self,
+            name,
+            old=old,
+            context_from=context_from,
+            fallback_on_error=fallback_on_error,
+            mode=mode,
+            compare=compare,
+            shadow_timeout=shadow_timeout,
+        )
+
+    @property
+    def shadow_pool(self) -> ShadowPool:
+        """The bounded thread pool that runs sync shadow calls."""
+        pool = self._shadow_pool
+        if pool is None:
+            with self._lock:
+                if self._shadow_pool is None:
+                    self._shadow_pool = ShadowPool(max_pending=self.shadow_max_pending)
+                pool = self._shadow_pool
+        return pool
 
     # ------------------------------------------------------------------ state
 
@@ -539,10 +618,17 @@ class Router:
         except Exception as exc:
             raise StoreError(f"cannot write the state of rollout {name!r}: {exc}") from exc
         self._apply(name, new_state, version)
+        self._notifier.publish(replace(record, version=version))
         return self.status(name)
 
     def _state(self, before: RolloutState, **changes: Any) -> RolloutState:
         return replace(before, updated_at=self._clock(), **changes)
+
+    def _new_step(self, before: RolloutState, **changes: Any) -> RolloutState:
+        """A state that starts a new step: a new epoch (statistics restart) and a new bake clock."""
+        now = self._clock()
+        changes.setdefault("shadow", False)
+        return replace(before, updated_at=now, epoch=before.epoch + 1, step_started_at=now, **changes)
 
     def set_percent(
         self, name: str, percent: float, *, actor: str = "api", reason: str = "", expected_version: int | None = None
@@ -561,7 +647,7 @@ class Router:
             phase = Phase.PAUSED if state.phase is Phase.PAUSED else Phase.RUNNING
             if state.percent == pct and state.phase is phase:
                 return None
-            return self._state(
+            return self._new_step(
                 state, phase=phase, percent=pct, step_index=_step_index_for(rollout.steps, pct), reason=why, actor=actor
             )
 
@@ -580,10 +666,10 @@ class Router:
             nxt = state.step_index + 1
             if nxt >= len(rollout.steps):
                 why = reason or "promoted past the last step: completed"
-                return self._state(state, phase=Phase.COMPLETED, percent=100.0, reason=why, actor=actor)
+                return self._new_step(state, phase=Phase.COMPLETED, percent=100.0, reason=why, actor=actor)
             pct = rollout.steps[nxt]
             why = reason or f"promoted to step {nxt + 1} of {len(rollout.steps)} ({pct:g} %)"
-            return self._state(state, phase=Phase.RUNNING, step_index=nxt, percent=pct, reason=why, actor=actor)
+            return self._new_step(state, phase=Phase.RUNNING, step_index=nxt, percent=pct, reason=why, actor=actor)
 
         return self.transition(name, "promote", change, actor=actor, reason=reason, expected_version=expected_version)
 
@@ -647,8 +733,14 @@ class Router:
         why = reason or "restarted at the first step"
 
         def change(state: RolloutState, rollout: Rollout) -> RolloutState:
-            return self._state(
-                state, phase=Phase.RUNNING, step_index=0, percent=rollout.steps[0], reason=why, actor=actor
+            return self._new_step(
+                state,
+                phase=Phase.RUNNING,
+                step_index=-1 if rollout.shadow else 0,
+                percent=rollout.steps[0],
+                shadow=rollout.shadow,
+                reason=why,
+                actor=actor,
             )
 
         return self.transition(name, "restart", change, actor=actor, reason=why, expected_version=expected_version)
@@ -672,6 +764,9 @@ class Router:
             updated_at=state.updated_at,
             reason=state.reason,
             history=records,
+            epoch=state.epoch,
+            step_started_at=state.step_started_at,
+            shadow=state.shadow,
         )
 
     def statuses(self) -> Iterator[RolloutStatus]:
@@ -679,9 +774,82 @@ class Router:
         for name in self._rollouts:
             yield self.status(name)
 
+    # ------------------------------------------------------------------ guard, controller, notifications
+
+    @property
+    def aggregator(self) -> Aggregator | None:
+        """The observation aggregates the guard reads (``None`` when built with ``record=False``)."""
+        return self._aggregator
+
+    def add_check(self, name: str, check: Check) -> Callable[[], None]:
+        """Add a custom guard check to rollout ``name``: ``check(snapshot, percent) -> CheckResult``.
+
+        A custom check takes part in every verdict like the built-in ones (a FAIL rolls back). Returns a
+        function that removes it.
+        """
+        self._require(name)
+        with self._lock:
+            self._checks[name] = (*self._checks.get(name, ()), check)
+
+        def remove() -> None:
+            with self._lock:
+                self._checks[name] = tuple(c for c in self._checks.get(name, ()) if c is not check)
+
+        return remove
+
+    def checks(self, name: str) -> tuple[Check, ...]:
+        """The custom checks of rollout ``name``."""
+        return self._checks.get(name, ())
+
+    def on_transition(self, callback: Callable[[AuditRecord], None]) -> Callable[[], None]:
+        """Call ``callback(record)`` after every state transition, on a background thread.
+
+        Pass a :class:`~canary_router.notify.Webhook` to POST transitions to a URL. Returns a function that
+        unsubscribes.
+        """
+        return self._notifier.subscribe(callback)
+
+    @property
+    def notifier(self) -> Notifier:
+        """The notification dispatcher (``flush()`` waits for pending deliveries)."""
+        return self._notifier
+
+    def controller(self) -> Controller:
+        """Return this router's :class:`~canary_router.Controller` (created on first use)."""
+        with self._lock:
+            if self._controller is None:
+                from .controller import Controller
+
+                self._controller = Controller(self)
+            return self._controller
+
+    def start_controller(self, interval: float = 1.0) -> Controller:
+        """Run the controller on a background thread, one tick every ``interval`` seconds."""
+        controller = self.controller()
+        controller.start(interval)
+        return controller
+
+    def stop_controller(self) -> None:
+        """Stop the background controller, if it runs."""
+        if self._controller is not None:
+            self._controller.stop()
+
+    def shadow_stats(self, name: str) -> ShadowStats:
+        """Comparison counts and mismatch samples of rollout ``name``'s shadow runs."""
+        self._require(name)
+        with self._lock:
+            stats = self._shadow.get(name)
+            if stats is None:
+                stats = self._shadow[name] = ShadowStats()
+            return stats
+
     def close(self) -> None:
-        """Stop listening to the store and release it."""
+        """Stop the controller and notifications, stop listening to the store and release it."""
         try:
+            self.stop_controller()
+            self._notifier.close()
+            if self._shadow_pool is not None:
+                self._shadow_pool.shutdown(wait=False)
             self._unsubscribe()
         finally:
             self._store.close()

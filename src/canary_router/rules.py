@@ -75,6 +75,15 @@ _MALFORMED = object()
 _COLLECTIONS = (list, tuple, set, frozenset)
 
 
+def _show(value: Any) -> str:
+    """Return a short ``repr`` of a literal for an error message (never raises, even for a 5,000-digit int)."""
+    try:
+        text = repr(value)
+    except Exception:  # an int too long for str(), or an object whose repr fails
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _text(value: Any) -> Any:
     """Return ``value`` as text, or ``_MALFORMED`` when it has no sensible textual form."""
     kind = type(value)
@@ -82,8 +91,13 @@ def _text(value: Any) -> Any:
         return value
     if kind is bool:
         return "true" if value else "false"
-    if kind is int or kind is float:
+    if kind is float:
         return str(value)
+    if kind is int:
+        try:
+            return str(value)
+        except ValueError:  # more digits than sys.get_int_max_str_digits()
+            return _MALFORMED
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, (bytes, bytearray)):
@@ -92,7 +106,10 @@ def _text(value: Any) -> Any:
         except UnicodeDecodeError:
             return _MALFORMED
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+        try:
+            return str(value)
+        except ValueError:
+            return _MALFORMED
     return _MALFORMED
 
 
@@ -101,7 +118,10 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range is still a number
+            number = math.inf if value > 0 else -math.inf
     elif isinstance(value, str):
         if len(value) > 100:
             return None
@@ -140,7 +160,8 @@ def _timestamp(value: Any) -> float | None:
 _SEMVER = re.compile(
     r"^v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$",
+    re.ASCII,  # SemVer digits are ASCII: without this, \d would accept e.g. "1\u0661.0.0" as 11.0.0
 )
 
 SemverKey = tuple[int, int, int, tuple[Any, ...]]
@@ -181,7 +202,7 @@ def _text_matcher(cond: Condition) -> Matcher:
     for index, raw in enumerate(cond.values):
         text = _text(raw)
         if text is _MALFORMED:
-            raise ConditionValueError(f"values[{index}]", f"expected a string, got {raw!r}")
+            raise ConditionValueError(f"values[{index}]", f"expected a string, got {_show(raw)}")
         literals.append(text.casefold() if folded else text)
     if op in {"IN", "NOT_IN"}:
         members = frozenset(literals)
@@ -238,7 +259,7 @@ def _num_matcher(cond: Condition) -> Matcher:
     raw = _single(cond)
     target = _number(raw)
     if target is None:
-        raise ConditionValueError("value", f"expected a number, got {raw!r}")
+        raise ConditionValueError("value", f"expected a number, got {_show(raw)}")
     compare = _COMPARE[cond.operator.removeprefix("NUM_")]
 
     def match_num(value: Any) -> bool | None:
@@ -253,7 +274,7 @@ def _date_matcher(cond: Condition) -> Matcher:
     target = _timestamp(raw) if not isinstance(raw, (int, float)) else None
     if target is None:
         raise ConditionValueError(
-            "value", f"expected an ISO-8601 date-time such as '2026-12-01T09:00:00Z', got {raw!r}"
+            "value", f"expected an ISO-8601 date-time such as '2026-12-01T09:00:00Z', got {_show(raw)}"
         )
     compare = _COMPARE[cond.operator.removeprefix("DATE_")]
 
@@ -268,7 +289,7 @@ def _semver_matcher(cond: Condition) -> Matcher:
     raw = _single(cond)
     target = parse_semver(raw) if isinstance(raw, str) else None
     if target is None:
-        raise ConditionValueError("value", f"expected a semantic version such as '2.1.0', got {raw!r}")
+        raise ConditionValueError("value", f"expected a semantic version such as '2.1.0', got {_show(raw)}")
     compare = _COMPARE[cond.operator.removeprefix("SEMVER_")]
 
     def match_semver(value: Any) -> bool | None:
@@ -284,7 +305,7 @@ def _semver_matcher(cond: Condition) -> Matcher:
 def _regex_matcher(cond: Condition) -> Matcher:
     raw = _single(cond)
     if not isinstance(raw, str):
-        raise ConditionValueError("value", f"expected a regular expression string, got {raw!r}")
+        raise ConditionValueError("value", f"expected a regular expression string, got {_show(raw)}")
     try:
         pattern = re.compile(raw, re.IGNORECASE if cond.case_insensitive else 0)
     except re.error as exc:
@@ -307,7 +328,7 @@ def _cidr_matcher(cond: Condition) -> Matcher:
             networks.append(ipaddress.ip_network(str(raw).strip(), strict=False))
         except ValueError:
             raise ConditionValueError(
-                f"values[{index}]", f"expected a CIDR block such as '10.0.0.0/8', got {raw!r}"
+                f"values[{index}]", f"expected a CIDR block such as '10.0.0.0/8', got {_show(raw)}"
             ) from None
 
     def match_cidr(value: Any) -> bool | None:

@@ -1,0 +1,62 @@
+"""Developer tasks: ``nox`` runs lint, typecheck and tests; ``nox -s docs`` and ``nox -s bench`` on demand."""
+
+from __future__ import annotations
+
+import re
+
+import nox
+
+nox.needs_version = ">=2024.4"
+nox.options.sessions = ["lint", "typecheck", "tests"]
+
+PYTHON = "3.11"
+LINT_PATHS = ("src", "tests", "bench", "noxfile.py", "docs")
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+def requirement_from_extra(extra: str, name: str) -> str:
+    """Return the requirement for ``name`` as pinned in the project's ``extra``, so pins live in one place."""
+    for requirement in PYPROJECT["project"]["optional-dependencies"][extra]:
+        match = re.match(r"[A-Za-z0-9._-]+", requirement)
+        if match and match.group(0).lower() == name.lower():
+            return str(requirement)
+    raise LookupError(f"pyproject.toml: the {extra!r} extra has no requirement for {name!r}")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite with pytest; arguments after ``--`` go to pytest (``nox -s tests -- -k bucket``)."""
+    session.install(".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Check style and formatting with ruff (no changes are made)."""
+    session.install(requirement_from_extra("test", "ruff"))
+    session.run("ruff", "check", *LINT_PATHS)
+    session.run("ruff", "format", "--check", *LINT_PATHS)
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """Type-check the package with mypy in strict mode (configuration in pyproject.toml)."""
+    session.install(".[test]")
+    session.run("mypy", "--strict", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with mkdocs, failing on any warning."""
+    session.install(".[test]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Run the decide/decorator benchmark and rewrite its section of docs/benchmarks.md.
+
+    Extra arguments after ``--`` go to the script, e.g. ``nox -s bench -- --repeats 51 --json bench.json``.
+    """
+    session.install(".")
+    session.run("python", "bench/bench_decide.py", "--write", "docs/benchmarks.md", *session.posargs)
