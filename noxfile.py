@@ -1,4 +1,4 @@
-"""Developer tasks: ``nox`` runs lint, typecheck and tests; ``nox -s docs`` and ``nox -s bench`` on demand."""
+"""Developer tasks: ``nox`` runs lint, typecheck and tests; ``docs``, ``bench`` and ``simulate`` on demand."""
 
 from __future__ import annotations
 
@@ -54,9 +54,20 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Run the decide/decorator benchmark and rewrite its section of docs/benchmarks.md.
+    """Run the decide/decorator/recording/verdict benchmarks and rewrite their section of docs/benchmarks.md.
 
     Extra arguments after ``--`` go to the script, e.g. ``nox -s bench -- --repeats 51 --json bench.json``.
     """
     session.install(".")
     session.run("python", "bench/bench_decide.py", "--write", "docs/benchmarks.md", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def simulate(session: nox.Session) -> None:
+    """Run the full guard simulation (1,000 rollouts per scenario) and rewrite docs/guard-simulation.md.
+
+    Takes several minutes on two cores; the test suite runs a seeded subset. Arguments after ``--`` go
+    to the script, e.g. ``nox -s simulate -- --runs 200``.
+    """
+    session.install(".", "numpy")
+    session.run("python", "bench/guard_simulation.py", "--write", "docs/guard-simulation.md", *session.posargs)

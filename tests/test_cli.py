@@ -90,15 +90,25 @@ def test_bucket_command_prints_spec_buckets() -> None:
     ]
 
 
-def test_demo_walks_all_steps_and_nobody_moves_back() -> None:
-    """The demo reaches 100 %, completes, and reports that nobody went back to old."""
+def test_demo_healthy_completes_every_step() -> None:
+    """The healthy demo is promoted 5 → 10 → 25 → 50 → 100 % by the controller and completes, sticky throughout."""
     result = run("demo", "--users", "3000", "--seed", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    for target in ("10", "25", "50", "100"):
+        assert f"promoted to {target} %" in out
+    assert "final phase: completed" in out
     assert "nobody who got the new version went back to the old one" in out
-    assert "completed" in out
-    for target in ("5", "10", "25", "50", "100"):
-        assert f"│ {target:>8} │" in out
+
+
+def test_demo_faulty_is_rolled_back_with_numbers() -> None:
+    """The faulty demo is rolled back automatically, and the reason carries the error rates and bounds."""
+    result = run("demo", "--scenario", "faulty", "--seed", "5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "rollback: guard failed at" in out
+    assert "exceeds the tolerance (1 pp)" in out
+    assert "final phase: rolled_back" in out
 
 
 def test_usage_error_exits_2() -> None:

@@ -190,7 +190,9 @@ def _pct(x: float | None) -> str:
 def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
-    return "∞" if math.isinf(seconds) else f"{seconds * 1000:.1f} ms"
+    if math.isinf(seconds):
+        return "∞"
+    return f"{seconds * 1e6:.0f} µs" if seconds < 0.001 else f"{seconds * 1000:.1f} ms"
 
 
 _CS = "anytime-valid Beta-binomial confidence sequences"
@@ -320,14 +322,17 @@ def _latency_check(
                 _CS,
                 numbers,
             )
+    # pass: new's quantile is confidently below ratio × (a lower confidence bound of old's quantile); below the
+    # first bound (10 µs) the histogram cannot tell durations apart, so there they count as equal
+    pass_index: int | None = 0
     if lower >= 0:
-        pass_index = max((j for j in range(lower + 1) if BOUNDS[j] <= ratio * BOUNDS[lower]), default=None)
-        if pass_index is not None:
-            above = new.count_above(pass_index)
-            _, hi = binomial_bounds(above, new.requests, alpha / 2)
-            numbers["pass_threshold"] = BOUNDS[pass_index]
-            if hi < tail:
-                return CheckResult(name, Outcome.PASS, f"{summary}: within {ratio:g} × old", _CS, numbers)
+        pass_index = max((j for j in range(lower, len(BOUNDS)) if BOUNDS[j] <= ratio * BOUNDS[lower]), default=0)
+    if pass_index is not None:
+        above = new.count_above(pass_index)
+        _, hi = binomial_bounds(above, new.requests, alpha / 2)
+        numbers["pass_threshold"] = BOUNDS[pass_index]
+        if hi < tail:
+            return CheckResult(name, Outcome.PASS, f"{summary}: within {ratio:g} × old", _CS, numbers)
     return CheckResult(name, Outcome.INCONCLUSIVE, f"{summary}: not enough evidence yet", _CS, numbers)
 
 

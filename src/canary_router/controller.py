@@ -39,10 +39,10 @@ class Action:
 
 def _duration(seconds: float) -> str:
     if seconds >= 3600:
-        return f"{seconds / 3600:g} h"
+        return f"{seconds / 3600:.3g} h"
     if seconds >= 60:
-        return f"{seconds / 60:g} min"
-    return f"{seconds:g} s"
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds:.3g} s"
 
 
 class Controller:
@@ -157,7 +157,11 @@ class Controller:
         router = self.router
         nxt = state.step_index + 1
         if nxt >= len(rollout.steps):
-            reason = f"completed after {_duration(elapsed)} at {step_label}: {verdict.message}"
+            if state.percent >= 100:
+                basis = "no failure seen, and no old traffic is left to compare with"
+            else:
+                basis = verdict.message
+            reason = f"completed after {_duration(elapsed)} at {step_label}: {basis}"
             return act(
                 "promote",
                 reason,
