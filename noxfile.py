@@ -60,6 +60,7 @@ def bench(session: nox.Session) -> None:
     """
     session.install(".")
     session.run("python", "bench/bench_decide.py", "--write", "docs/benchmarks.md", *session.posargs)
+    session.run("python", "bench/bench_guard.py", "--write", "docs/benchmarks.md")
 
 
 @nox.session(python=PYTHON)

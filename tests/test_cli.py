@@ -123,3 +123,14 @@ def test_version_and_help(argv: list[str]) -> None:
     result = run(*argv)
     assert result.returncode == 0
     assert "canary-router" in result.stdout or "Usage" in result.stdout
+
+
+def test_controller_command_ticks_and_reports(tmp_path: Path) -> None:
+    """canary-router controller runs the given number of ticks and prints each action as JSON."""
+    path = tmp_path / "canary.toml"
+    path.write_text(GOOD)
+    result = run("controller", str(path), "--ticks", "2", "--interval", "0.05", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(line["rollout"], line["action"]) for line in lines] == [("recommender", "wait")] * 2
+    assert "waiting for a passing verdict at 5 %" in lines[0]["reason"]

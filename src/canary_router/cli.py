@@ -78,6 +78,46 @@ def bucket_command(salt: str, unit_ids: Sequence[str]) -> None:
 
 
 @cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05, 3600), help="Seconds per tick.")
+@click.option(
+    "--ticks", default=0, type=click.IntRange(0), help="Stop after this many ticks (0: run until interrupted)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print each action as a JSON line.")
+def controller(config: str, interval: float, ticks: int, as_json: bool) -> None:
+    """Run the controller for the rollouts of CONFIG: promote, pause or roll back as the guard says.
+
+    It acts on the state and observations of the store the router uses; the in-memory store only
+    sees this process, so run it next to your application with a shared store, or use
+    ``router.start_controller()`` inside the application.
+    """
+    import time as _time
+
+    from .router import Router
+
+    router = Router.from_file(config)
+    ctl = router.controller()
+    console = Console(highlight=False, soft_wrap=True)
+    done = 0
+    try:
+        while ticks == 0 or done < ticks:
+            for action in ctl.tick():
+                if as_json:
+                    click.echo(
+                        json.dumps({"rollout": action.rollout, "action": action.action, "reason": action.reason})
+                    )
+                elif action.action != "wait":
+                    console.print(f"[bold]{action.rollout}[/]: {action.action} — {action.reason}")
+            done += 1
+            if ticks == 0 or done < ticks:
+                _time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        router.close()
+
+
+@cli.command()
 @click.option(
     "--scenario",
     type=click.Choice(["healthy", "faulty"]),
