@@ -147,7 +147,7 @@ def binomial_bounds(successes: int, trials: int, alpha: float) -> tuple[float, f
             if x_new >= p_hat or x_new <= x:
                 break
             x = x_new
-            if abs(step) <= 1e-12 + 1e-9 * x:
+            if abs(step) <= 1e-10 * x:
                 break
         lower = x
     upper = 1.0
@@ -161,7 +161,7 @@ def binomial_bounds(successes: int, trials: int, alpha: float) -> tuple[float, f
             if y_new <= p_hat or y_new >= y:
                 break
             y = y_new
-            if abs(step) <= 1e-12 + 1e-9 * y:
+            if abs(step) <= 1e-10 * y:
                 break
         upper = y
     return lower, upper
@@ -262,12 +262,12 @@ def _quantile_bounds(old: VariantSnapshot, q: float, alpha: float) -> tuple[int,
     ``upper``: the first bound b with P(X < b) ≥ q confidently; ``lower``: the last bound b with
     P(X < b) < q confidently (-1 when there is none).
     """
-    n = old.requests
+    n = sum(old.histogram)  # the latency-bearing requests (pre-aggregated counts may carry none)
     if n == 0:
         return None
     cum = _cumulative(old.histogram)
     # cum[i] = requests in buckets 0..i = requests below BOUNDS[i]
-    point = next(i for i, c in enumerate(cum) if c >= q * n)
+    point = next((i for i, c in enumerate(cum) if c >= q * n), len(BOUNDS) - 1)
     point = min(point, len(BOUNDS) - 1)
     upper = point
     while upper < len(BOUNDS) - 1 and binomial_bounds(cum[upper], n, alpha / 2)[0] < q:
@@ -282,6 +282,7 @@ def _latency_check(
     guard: GuardConfig, ratio: float, old: VariantSnapshot, new: VariantSnapshot, alpha: float
 ) -> CheckResult:
     q = guard.latency_percentile / 100
+    new_timed, old_timed = new.timed, old.timed
     name = "latency"
     old_p, new_p = old.percentile(guard.latency_percentile), new.percentile(guard.latency_percentile)
     label = f"p{guard.latency_percentile:g}"
@@ -294,7 +295,7 @@ def _latency_check(
         "max_latency_ratio": ratio,
         "alpha": alpha,
     }
-    if min(new.requests, old.requests) < guard.min_requests:
+    if min(new_timed, old_timed) < guard.min_requests:
         return CheckResult(
             name,
             Outcome.INCONCLUSIVE,
@@ -311,9 +312,9 @@ def _latency_check(
     fail_index = next((j for j in range(upper, len(BOUNDS)) if BOUNDS[j] >= ratio * BOUNDS[upper]), None)
     if fail_index is not None:
         above = new.count_above(fail_index)
-        lo, _ = binomial_bounds(above, new.requests, alpha / 2)
+        lo, _ = binomial_bounds(above, new_timed, alpha / 2)
         numbers["fail_threshold"] = BOUNDS[fail_index]
-        numbers["new_share_above_fail_threshold"] = above / new.requests
+        numbers["new_share_above_fail_threshold"] = above / new_timed
         if lo > tail:
             return CheckResult(
                 name,
@@ -329,7 +330,7 @@ def _latency_check(
         pass_index = max((j for j in range(lower, len(BOUNDS)) if BOUNDS[j] <= ratio * BOUNDS[lower]), default=0)
     if pass_index is not None:
         above = new.count_above(pass_index)
-        _, hi = binomial_bounds(above, new.requests, alpha / 2)
+        _, hi = binomial_bounds(above, new_timed, alpha / 2)
         numbers["pass_threshold"] = BOUNDS[pass_index]
         if hi < tail:
             return CheckResult(name, Outcome.PASS, f"{summary}: within {ratio:g} × old", _CS, numbers)
@@ -340,21 +341,23 @@ def _tail_check(
     guard: GuardConfig, tolerance: float, old: VariantSnapshot, new: VariantSnapshot, alpha: float
 ) -> CheckResult:
     name = "latency_tail"
+    new_timed, old_timed = new.timed, old.timed
     if guard.latency_slo is not None:
         index = next((i for i, b in enumerate(BOUNDS) if b >= guard.latency_slo), len(BOUNDS) - 1)
         source = f"the SLO ({_ms(guard.latency_slo)})"
-    elif old.requests:
+    elif old_timed:
         cum = _cumulative(old.histogram)
         q = guard.tail_percentile / 100
-        index = min(next(i for i, c in enumerate(cum) if c >= q * old.requests), len(BOUNDS) - 1)
+        timed = cum[-1]
+        index = min(next((i for i, c in enumerate(cum) if timed and c >= q * timed), len(BOUNDS) - 1), len(BOUNDS) - 1)
         source = f"old p{guard.tail_percentile:g} ({_ms(BOUNDS[index])})"
     else:
         index, source = len(BOUNDS) - 1, "n/a"
     old_above, new_above = old.count_above(index), new.count_above(index)
-    lo_new, hi_new = binomial_bounds(new_above, new.requests, alpha / 2)
-    lo_old, hi_old = binomial_bounds(old_above, old.requests, alpha / 2)
-    old_share = old_above / old.requests if old.requests else None
-    new_share = new_above / new.requests if new.requests else None
+    lo_new, hi_new = binomial_bounds(new_above, new_timed, alpha / 2)
+    lo_old, hi_old = binomial_bounds(old_above, old_timed, alpha / 2)
+    old_share = old_above / old_timed if old_timed else None
+    new_share = new_above / new_timed if new_timed else None
     numbers = {
         "threshold": BOUNDS[index],
         "old_share_above": old_share,
@@ -364,7 +367,7 @@ def _tail_check(
         "alpha": alpha,
     }
     summary = f"share slower than {source}: new {_pct(new_share)} vs old {_pct(old_share)}"
-    if min(new.requests, old.requests) < guard.min_requests:
+    if min(new_timed, old_timed) < guard.min_requests:
         return CheckResult(
             name,
             Outcome.INCONCLUSIVE,

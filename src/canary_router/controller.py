@@ -133,7 +133,8 @@ class Controller:
         if baked and (verdict.outcome is Outcome.PASS or at_full):
             return self._promote(name, rollout, state, verdict, act, step_label, elapsed)
         max_bake = rollout.max_bake_time
-        if max_bake is not None and elapsed >= max_bake and verdict.outcome is not Outcome.PASS:
+        waited = now - max(state.step_started_at, state.resumed_at)  # a resume gives the step a new window
+        if max_bake is not None and waited >= max_bake and verdict.outcome is not Outcome.PASS:
             reason = (
                 f"paused at {step_label}: still inconclusive after {_duration(max_bake)} "
                 f"(max_bake_time): {verdict.message}"

@@ -205,6 +205,8 @@ class RolloutState:
     """When the current step began (bake times count from here)."""
     shadow: bool = False
     """In the shadow step: everyone is served "old"; the ``percent`` cohort also runs "new" unseen."""
+    resumed_at: float = 0.0
+    """When the rollout was last resumed (``max_bake_time`` counts from here or the step start, the later)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -218,6 +220,7 @@ class RolloutState:
             "epoch": self.epoch,
             "step_started_at": self.step_started_at,
             "shadow": self.shadow,
+            "resumed_at": self.resumed_at,
         }
 
     @classmethod
@@ -233,6 +236,7 @@ class RolloutState:
             epoch=int(data.get("epoch", 0)),
             step_started_at=float(data.get("step_started_at", 0.0)),
             shadow=bool(data.get("shadow", False)),
+            resumed_at=float(data.get("resumed_at", 0.0)),
         )
 
 

@@ -92,6 +92,9 @@ class Webhook:
                         self.delivered += 1
                         return
                     last = RuntimeError(f"HTTP {response.status}")
+            except urllib.error.HTTPError as exc:
+                exc.close()  # release the socket of the error response
+                last = RuntimeError(f"HTTP {exc.code}")
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 last = exc
             if attempt < self.retries:
@@ -131,11 +134,19 @@ class Notifier:
         if not self._subscribers:
             return
         self._ensure_thread()
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-            _log.warning("canary_router: notification queue full; dropped a notification for %s", record.rollout)
+        while True:
+            try:
+                self._queue.put_nowait(record)
+                return
+            except queue.Full:
+                try:  # drop the oldest: the newest transition (say, a rollback) matters most
+                    oldest = self._queue.get_nowait()
+                    self._queue.task_done()
+                except queue.Empty:  # pragma: no cover - drained meanwhile
+                    continue
+                self.dropped += 1
+                name = oldest.rollout if oldest is not None else "?"
+                _log.warning("canary_router: notification queue full; dropped the oldest one (for %s)", name)
 
     def _ensure_thread(self) -> None:
         if os.getpid() != self._pid:  # forked: the parent's thread does not exist here

@@ -108,6 +108,11 @@ class VariantSnapshot:
         """Latency at percentile ``q`` (0..100), as a histogram bucket's upper bound, in seconds."""
         return quantile(self.histogram, q / 100)
 
+    @property
+    def timed(self) -> int:
+        """Requests with a recorded latency (pre-aggregated counts may come without a histogram)."""
+        return sum(self.histogram)
+
     def count_above(self, threshold_index: int) -> int:
         """Requests in buckets above ``threshold_index`` (i.e. slower than ``BOUNDS[threshold_index]``)."""
         return sum(self.histogram[threshold_index + 1 :])
@@ -395,15 +400,19 @@ class Aggregator:
             counts = step.variants[variant]
             counts.requests += requests
             counts.errors += errors
-            for index, count in items:
-                if count:
-                    counts.histogram[int(index)] += int(count)
+            added = [(int(index), int(count)) for index, count in items if count]
+            for index, count in added:
+                counts.histogram[index] += count
             for unit_hash in unit_hashes:
                 step.add_unit(counts, unit_hash, True)
             slot = agg.slot(now, self._slot_seconds)
             if slot is not None:
                 slot.requests[variant] += requests
                 slot.errors[variant] += errors
+                coarse = slot.latency[variant]
+                for index, count in added:
+                    key = index // _COARSE
+                    coarse[key] = coarse.get(key, 0) + count
 
     def snapshot(self, rollout: str, epoch: int | None = None) -> StepSnapshot | None:
         """Copy out the current step's counts of ``rollout`` (``None`` when nothing was recorded for ``epoch``)."""

@@ -142,8 +142,7 @@ class Router:
         self._controller: Controller | None = None
         self._shadow: dict[str, ShadowStats] = {}
         self._shadow_pool: ShadowPool | None = None
-        self.shadow_max_pending = 64
-        """At most this many shadow runs wait or run at once; beyond it shadow runs are skipped (and counted)."""
+        self._shadow_max_pending = 64
         for hook in webhooks:
             self._notifier.subscribe(hook if isinstance(hook, Webhook) else Webhook(hook))
         self._store: Store = store if store is not None else MemoryStore()
@@ -279,6 +278,7 @@ class Router:
                 record = self._record(name, "start", None, state, "router", state.reason, {})
                 try:
                     version = self._store.compare_and_set(name, None, state, record)
+                    self._notifier.publish(replace(record, version=version))
                     return _Live(state, version)
                 except Exception:
                     current = self._store.get(name)
@@ -485,13 +485,29 @@ class Router:
         )
 
     @property
+    def shadow_max_pending(self) -> int:
+        """At most this many shadow runs wait or run at once (sync pool; async tasks per function).
+
+        Beyond it shadow runs are skipped, and counted in :meth:`shadow_stats`.
+        """
+        return self._shadow_max_pending
+
+    @shadow_max_pending.setter
+    def shadow_max_pending(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"shadow_max_pending must be >= 0, got {value!r}")
+        self._shadow_max_pending = value
+        if self._shadow_pool is not None:
+            self._shadow_pool.max_pending = value
+
+    @property
     def shadow_pool(self) -> ShadowPool:
         """The bounded thread pool that runs sync shadow calls."""
         pool = self._shadow_pool
         if pool is None:
             with self._lock:
                 if self._shadow_pool is None:
-                    self._shadow_pool = ShadowPool(max_pending=self.shadow_max_pending)
+                    self._shadow_pool = ShadowPool(max_pending=self._shadow_max_pending)
                 pool = self._shadow_pool
         return pool
 
@@ -548,7 +564,11 @@ class Router:
             if current is None:
                 state = self._initial_state(rollout)
                 record = self._record(name, "start", None, state, "router", state.reason, {})
-                self._store.compare_and_set(name, None, state, record)
+                try:
+                    version = self._store.compare_and_set(name, None, state, record)
+                    self._notifier.publish(replace(record, version=version))
+                except ConflictError:  # another process created it first: use theirs
+                    pass
                 current = self._store.get(name)
         except CanaryError:
             raise
@@ -701,7 +721,7 @@ class Router:
                 raise TransitionError(
                     f"rollout {name!r} is {state.phase.value}; only a paused rollout can resume (use restart)"
                 )
-            return self._state(state, phase=Phase.RUNNING, reason=why, actor=actor)
+            return self._state(state, phase=Phase.RUNNING, reason=why, actor=actor, resumed_at=self._clock())
 
         return self.transition(name, "resume", change, actor=actor, reason=why, expected_version=expected_version)
 

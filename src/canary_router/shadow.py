@@ -91,7 +91,8 @@ class ShadowPool:
 
     def __init__(self, *, workers: int = 4, max_pending: int = 64) -> None:
         self._workers = workers
-        self._max_pending = max_pending
+        self.max_pending = max_pending
+        """At most this many runs wait or run at once (may be changed at any time)."""
         self._lock = threading.Lock()
         self._pending = 0
         self._pool: ThreadPoolExecutor | None = None
@@ -104,7 +105,7 @@ class ShadowPool:
                 self._pid = os.getpid()
                 self._pool = None
                 self._pending = 0
-            if self._pending >= self._max_pending:
+            if self._pending >= self.max_pending:
                 return False
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="canary-router-shadow")
