@@ -84,6 +84,7 @@ class RunResult:
     check: str | None = None
     naive_rolled_back: bool = False
     naive_sparse_rolled_back: bool = False  # the naive rule checked only every ~100 new-version requests
+    first_pass: int | None = None  # total requests at the first PASS verdict (when the step could be promoted)
 
 
 def one_run(scenario: Scenario, seed: int, guard: GuardConfig) -> RunResult:
@@ -119,6 +120,8 @@ def one_run(scenario: Scenario, seed: int, guard: GuardConfig) -> RunResult:
                 VariantSnapshot(new_req, new_err, tuple(counts["new"][2].tolist()), 0, 0),
             )
             verdict = evaluate(guard, snapshot, scenario.share * 100)
+            if verdict.outcome is Outcome.PASS and result.first_pass is None:
+                result.first_pass = seen
             if verdict.outcome is Outcome.FAIL:
                 result.rolled_back = True
                 result.requests = seen
@@ -158,6 +161,7 @@ def summarise(name: str, results: list[RunResult]) -> dict[str, Any]:
     def pct(values: list[int], q: float) -> int | None:
         return int(np.percentile(values, q, method="higher")) if values else None
 
+    passes = sorted(r.first_pass for r in results if r.first_pass is not None)
     checks: dict[str, int] = {}
     for r in rolled:
         checks[r.check or "?"] = checks.get(r.check or "?", 0) + 1
@@ -174,6 +178,8 @@ def summarise(name: str, results: list[RunResult]) -> dict[str, Any]:
         "median_new_requests": pct(new_requests, 50),
         "max_new_requests": max(new_requests) if new_requests else None,
         "checks": checks,
+        "ever_passed": len(passes),
+        "median_requests_to_pass": pct(passes, 50),
     }
 
 
@@ -280,6 +286,14 @@ def naive(summary: dict[str, Any], key: str) -> str:
     return f"{100 * summary[key]:.1f} %"
 
 
+def passed(summary: dict[str, Any]) -> str:
+    """How many runs ever reached a PASS verdict (and, for A/A, after how many requests)."""
+    text = f"{summary['ever_passed']}/{summary['runs']}"
+    if summary["scenario"] == "aa" and summary["median_requests_to_pass"] is not None:
+        text += f", median after {summary['median_requests_to_pass']:,} requests"
+    return text
+
+
 def markdown(summaries: list[dict[str, Any]], schedule: dict[str, Any], meta: dict[str, Any]) -> str:
     """The results as the Markdown section between the docs markers."""
     lines = [
@@ -287,8 +301,9 @@ def markdown(summaries: list[dict[str, Any]], schedule: dict[str, Any], meta: di
         f"Python {meta['python']}, {meta['date']}, {meta['seconds']:.0f} s.",
         "",
         "| scenario | rolled back (ours) | naive rule, same looks | naive rule, every ~100 new requests | "
-        "median requests to rollback | 90th percentile | new-version requests (median / max) | deciding checks |",
-        "|---|---|---|---|---|---|---|---|",
+        "median requests to rollback | 90th percentile | new-version requests (median / max) | deciding checks | "
+        "ever passed (could be promoted) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
 
@@ -300,7 +315,8 @@ def markdown(summaries: list[dict[str, Any]], schedule: dict[str, Any], meta: di
             f"| {s['title']} | {100 * s['rollback_rate']:.1f} % ({s['rolled_back']}/{s['runs']}) | "
             f"{naive(s, 'naive_rollback_rate')} | {naive(s, 'naive_sparse_rollback_rate')} | "
             f"{fmt(s['median_requests'])} | {fmt(s['p90_requests'])} | "
-            f"{fmt(s['median_new_requests'])} / {fmt(s['max_new_requests'])} | {checks} |"
+            f"{fmt(s['median_new_requests'])} / {fmt(s['max_new_requests'])} | {checks} | "
+            f"{passed(s)} |"
         )
     lines += [
         "",

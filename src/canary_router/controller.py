@@ -29,7 +29,10 @@ _log = logging.getLogger("canary_router")
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """What one tick did for one rollout: ``"promote"``, ``"complete"``, ``"rollback"``, ``"pause"`` or ``"wait"``."""
+    """What one tick did for one rollout.
+
+    ``action`` is ``"promote"`` (completing after the last step), ``"rollback"``, ``"pause"`` or ``"wait"``.
+    """
 
     rollout: str
     action: str

@@ -99,7 +99,8 @@ class Phase(enum.StrEnum):
     RUNNING = "running"
     """Serving its current percentage; the controller may promote it."""
     PAUSED = "paused"
-    """Serving its current percentage, frozen: nothing promotes it until it is resumed."""
+    """Serving its current percentage, frozen: the controller never promotes it (it still rolls it back on a
+    failing verdict); a manual ``resume`` or ``promote`` sets it running again."""
     COMPLETED = "completed"
     """Everyone gets "new"."""
     ROLLED_BACK = "rolled_back"
@@ -135,7 +136,8 @@ class GuardConfig:
     max_error_rate_increase: float = 0.01
     """New minus old error rate, absolute, above which the new version fails (0.01 = 1 percentage point)."""
     max_error_rate_ratio: float | None = None
-    """Optional relative form: new error rate / old error rate above which the new version fails."""
+    """Optional relative allowance: the tolerated new error rate is ``max(old + max_error_rate_increase,
+    max_error_rate_ratio × old)``. Set ``max_error_rate_increase = 0`` for a purely relative tolerance."""
     max_latency_ratio: float | None = 1.25
     """New / old latency at ``latency_percentile`` above which the new version fails (``None``: off)."""
     latency_percentile: float = 95.0
@@ -166,7 +168,9 @@ class Rollout:
     stickiness: tuple[str, ...] = ("user_id",)
     salt: str | None = None
     bake_time: float = 3600.0
+    """Seconds a step must last, with a passing verdict, before the controller promotes it."""
     max_bake_time: float | None = None
+    """Seconds after which a step still without a passing verdict is paused (``None``: wait forever)."""
     start: Phase = Phase.RUNNING
     description: str = ""
     rules: tuple[Rule, ...] = ()

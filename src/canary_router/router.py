@@ -627,6 +627,8 @@ class Router:
                 "since you looked; nothing was applied"
             )
         new_state = change(current.state, rollout)
+        if new_state is not None:
+            _check_state(name, new_state, rollout)
         if new_state is None:
             self._apply(name, current.state, current.version)
             return self.status(name)
@@ -740,7 +742,7 @@ class Router:
         def change(state: RolloutState, rollout: Rollout) -> RolloutState | None:
             if state.phase is Phase.ROLLED_BACK:
                 return None
-            return self._state(state, phase=Phase.ROLLED_BACK, percent=0.0, reason=why, actor=actor)
+            return self._state(state, phase=Phase.ROLLED_BACK, percent=0.0, shadow=False, reason=why, actor=actor)
 
         return self.transition(
             name, "rollback", change, actor=actor, reason=why, details=details, expected_version=expected_version
@@ -882,6 +884,16 @@ class Router:
 
     def __repr__(self) -> str:
         return f"Router(rollouts={list(self._rollouts)!r}, store={type(self._store).__name__})"
+
+
+def _check_state(name: str, state: RolloutState, rollout: Rollout) -> None:
+    """Refuse to write a state that the hot path could not serve."""
+    if not isinstance(state.phase, Phase):
+        raise TransitionError(f"rollout {name!r}: invalid phase {state.phase!r}")
+    if not (isinstance(state.percent, (int, float)) and 0.0 <= state.percent <= 100.0):
+        raise TransitionError(f"rollout {name!r}: percent must be in [0, 100], got {state.percent!r}")
+    if not -1 <= state.step_index < len(rollout.steps):
+        raise TransitionError(f"rollout {name!r}: step index {state.step_index} is outside the steps")
 
 
 def _condition_mapping(cond: Condition | Mapping[str, Any]) -> Mapping[str, Any]:
