@@ -7,7 +7,9 @@ of time slots. Recording one observation is a few dictionary and list updates un
 from __future__ import annotations
 
 import math
+import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -263,9 +265,22 @@ class Aggregator:
     CLI and the dashboard. Statistics restart whenever the rollout's step (``epoch``) changes.
     """
 
-    def __init__(self, *, slot_seconds: float = 10.0, history_slots: int = 360, max_pending: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        slot_seconds: float = 10.0,
+        history_slots: int = 360,
+        max_pending: int = 65_536,
+        fold_interval: float | None = 0.05,
+    ) -> None:
         if slot_seconds <= 0 or history_slots < 1 or max_pending < 1:
             raise ValueError("slot_seconds must be > 0, history_slots >= 1 and max_pending >= 1")
+        self._fold_interval = fold_interval
+        self._fold_errors = 0
+        self._drain_lock = threading.Lock()
+        self._folder: threading.Thread | None = None
+        self._closed = threading.Event()
+        _AGGREGATORS.add(self)
         self._pending: deque[tuple[str, int, str, bool, float, str | None, bool, float]] = deque()
         self._max_pending = max_pending
         self._rollouts: dict[str, _Rollout] = {}
@@ -298,78 +313,119 @@ class Aggregator:
     ) -> None:
         """Count one call of ``variant`` in step ``epoch``: outcome, latency, and (for split units) the unit.
 
-        On the request path this only appends to a queue (thread-safe, no lock); the queue is folded into
-        the aggregates when anything reads them, and by the recording thread itself once it holds
-        ``max_pending`` observations, so memory stays bounded.
+        On the request path this only appends to a queue (thread-safe, no lock). A background thread folds
+        the queue into the aggregates every ``fold_interval`` seconds, and so does anything that reads them;
+        should the queue still reach ``max_pending`` observations, the recording thread folds it itself, so
+        memory stays bounded.
         """
         pending = self._pending
         pending.append((rollout, epoch, variant, ok, duration, unit, split, now))
+        if self._folder is None and self._fold_interval is not None:
+            self._start_folder()
         if len(pending) >= self._max_pending:
             self.drain()
+
+    def _start_folder(self) -> None:
+        with self._lock:
+            if self._folder is not None or self._fold_interval is None or self._closed.is_set():
+                return
+            interval = self._fold_interval
+            ref = weakref.ref(self)
+            closed = self._closed
+
+            def fold() -> None:  # holds only a weak reference: a dropped aggregator ends its thread
+                while not closed.wait(interval):
+                    aggregator = ref()
+                    if aggregator is None:
+                        return
+                    aggregator.drain()
+                    del aggregator
+
+            thread = threading.Thread(target=fold, name="canary-router-fold", daemon=True)
+            self._folder = thread
+            thread.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child the parent's folding thread does not exist: start a new one on the next record."""
+        self._folder = None
+        self._lock = threading.Lock()
+        self._drain_lock = threading.Lock()
+        for agg in self._rollouts.values():
+            agg.lock = threading.Lock()
+
+    def close(self) -> None:
+        """Fold what is queued and stop the background thread."""
+        self._closed.set()
+        self.drain()
+        folder = self._folder
+        if folder is not None and folder is not threading.current_thread():
+            folder.join(timeout=1)
 
     def drain(self) -> int:
         """Fold queued observations into the aggregates; returns how many were folded."""
         pending = self._pending
-        popleft = pending.popleft
-        apply = self._apply
-        folded = 0
-        while True:
-            try:
-                item = popleft()
-            except IndexError:
-                return folded
-            try:
-                apply(*item)
-            except Exception:  # pragma: no cover - a malformed observation must not stop the others  # noqa: S112
-                continue
-            folded += 1
+        if not pending:
+            return 0
+        with self._drain_lock:
+            popleft = pending.popleft
+            groups: dict[str, list[tuple[str, int, str, bool, float, str | None, bool, float]]] = {}
+            folded = 0
+            for _ in range(len(pending)):
+                try:
+                    item = popleft()
+                except IndexError:  # pragma: no cover - another drain emptied it
+                    break
+                group = groups.get(item[0])
+                if group is None:
+                    group = groups[item[0]] = []
+                group.append(item)
+                folded += 1
+            for rollout, items in groups.items():
+                try:
+                    self._fold(rollout, items)
+                except Exception:  # pragma: no cover - a malformed observation must not stop the others
+                    self._fold_errors += 1
+            return folded
 
-    def _apply(
-        self,
-        rollout: str,
-        epoch: int,
-        variant: str,
-        ok: bool,
-        duration: float,
-        unit: str | None,
-        split: bool,
-        now: float,
-    ) -> None:
-        # bucket_index, inlined: this runs once per observation
-        if duration < _MIN:
-            index = 0
-        else:
-            index = int((_log(duration) - _LOG_MIN) * _SCALE) + 1
-            if index >= _LAST:
-                index = _LAST if duration >= _TOP else _LAST - 1
-            elif duration >= _BOUNDS[index]:
-                index += 1
-            elif duration < _BOUNDS[index - 1]:
-                index -= 1
-        unit_hash = -1
-        if split and unit is not None:
-            try:
-                unit_hash = _hash(unit.encode(), _UNIT_SEED, False)
-            except UnicodeEncodeError:
-                unit_hash = _hash(unit.encode("utf-8", "surrogatepass"), _UNIT_SEED, False)
+    def _fold(self, rollout: str, items: list[tuple[str, int, str, bool, float, str | None, bool, float]]) -> None:
         agg = self._rollouts.get(rollout) or self._rollout(rollout)
-        start = now - now % self._slot_seconds
+        seconds = self._slot_seconds
+        log, log_min, scale, last, top, bounds = _log, _LOG_MIN, _SCALE, _LAST, _TOP, _BOUNDS
         with agg.lock:
             step = agg.step
-            if step is None or step.epoch != epoch:
-                step = agg.current(epoch, now)
-                if step is None:
-                    return
-            counts = step.variants[variant]
-            counts.requests += 1
-            counts.histogram[index] += 1
-            if not ok:
-                counts.errors += 1
-            if unit_hash >= 0:
-                step.add_unit(counts, unit_hash, ok)
-            history = agg.history
-            slot = history[-1] if history and history[-1].start == start else agg.slot(now, self._slot_seconds)
-            if slot is not None:
+            slot: HistorySlot | None = agg.history[-1] if agg.history else None
+            for _, epoch, variant, ok, duration, unit, split, now in items:
+                if step is None or step.epoch != epoch:
+                    step = agg.current(epoch, now)
+                    if step is None:  # a late observation of a previous step
+                        step = agg.step
+                        continue
+                # bucket_index, inlined
+                if duration < _MIN:
+                    index = 0
+                else:
+                    index = int((log(duration) - log_min) * scale) + 1
+                    if index >= last:
+                        index = last if duration >= top else last - 1
+                    elif duration >= bounds[index]:
+                        index += 1
+                    elif duration < bounds[index - 1]:
+                        index -= 1
+                counts = step.variants[variant]
+                counts.requests += 1
+                counts.histogram[index] += 1
+                if not ok:
+                    counts.errors += 1
+                if split and unit is not None:
+                    try:
+                        unit_hash = _hash(unit.encode(), _UNIT_SEED, False)
+                    except UnicodeEncodeError:
+                        unit_hash = _hash(unit.encode("utf-8", "surrogatepass"), _UNIT_SEED, False)
+                    step.add_unit(counts, unit_hash, ok)
+                if slot is None or slot.start != now - now % seconds:
+                    slot = agg.slot(now, seconds)
+                    if slot is None:
+                        continue
                 slot.requests[variant] += 1
                 if not ok:
                     slot.errors[variant] += 1
@@ -443,3 +499,15 @@ class Aggregator:
                 self._rollouts.clear()
             else:
                 self._rollouts.pop(rollout, None)
+
+
+_AGGREGATORS: weakref.WeakSet[Aggregator] = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for aggregator in list(_AGGREGATORS):
+        aggregator._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_reinit_after_fork)

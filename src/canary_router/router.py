@@ -870,6 +870,8 @@ class Router:
         try:
             self.stop_controller()
             self._notifier.close()
+            if self._aggregator is not None:
+                self._aggregator.close()
             if self._shadow_pool is not None:
                 self._shadow_pool.shutdown(wait=False)
             self._unsubscribe()
