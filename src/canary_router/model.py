@@ -40,6 +40,8 @@ class Reason(enum.StrEnum):
     """The rollout was rolled back: everyone gets "old", rule-targeted users included."""
     COMPLETED = "completed"
     """The rollout completed: everyone gets "new"."""
+    PINNED = "pinned"
+    """Session affinity: a signed pin cookie kept the visitor on the variant they first got."""
     RULE_MATCH = "rule_match"
     """A targeting rule with ``serve`` matched."""
     RULE_SPLIT = "rule_split"
@@ -65,6 +67,7 @@ _OPENFEATURE_REASONS = {
     Reason.OVERRIDE: "TARGETING_MATCH",
     Reason.ROLLED_BACK: "DISABLED",
     Reason.COMPLETED: "STATIC",
+    Reason.PINNED: "TARGETING_MATCH",
     Reason.RULE_MATCH: "TARGETING_MATCH",
     Reason.RULE_SPLIT: "SPLIT",
     Reason.SPLIT: "SPLIT",

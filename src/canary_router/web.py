@@ -1,0 +1,444 @@
+"""Framework-agnostic request handling shared by the ASGI, WSGI and Django middleware.
+
+A :class:`WebResolver` turns one request (:class:`RequestInfo`) into a :class:`Context`, the decisions of
+the configured rollouts, and the cookies and headers to add to the response. It never raises: malformed,
+oversized or non-UTF-8 cookies and headers are ignored (and counted), and the request goes on.
+
+Trust model: nothing the client sends can put it into, or out of, a canary. The user id comes from the
+framework's authenticated user, from a header set by a trusted gateway (honoured only when the request
+arrives from a configured trusted proxy), or from a cookie signed with the secret. Tester overrides and
+session pins are HMAC-signed. ``X-Forwarded-For`` and CDN country headers count only from trusted proxies.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .context import Context
+from .model import Decision, Reason, Variant
+from .overrides import decode_pins, encode_pins, resolve_secret, sign_value, verify_token, verify_value
+
+if TYPE_CHECKING:
+    from .router import Router
+
+__all__ = ["RequestInfo", "Resolution", "WebOptions", "WebResolver", "parse_cookies"]
+
+_log = logging.getLogger("canary_router")
+
+_VISITOR_ID = re.compile(r"^[0-9a-f]{32}$")
+_MAX_COOKIE_HEADER = 8192
+_MAX_HEADER = 4096
+_MAX_ATTRIBUTE = 512
+_TOKEN_SEPARATOR = "~"  # noqa: S105  # separates tokens in the cookie
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(values: Iterable[str]) -> tuple[Network, ...]:
+    out: list[Network] = []
+    for value in values:
+        try:
+            out.append(ipaddress.ip_network(str(value).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"trusted_proxies: expected an IP address or CIDR block, got {value!r}") from None
+    return tuple(out)
+
+
+def _cookie_name(value: str | None, what: str) -> str | None:
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", value):
+        raise ValueError(f"{what}: expected a cookie name of letters, digits, '_', '.' or '-', got {value!r}")
+    return value
+
+
+def _header_name(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9\-]{1,64}", value):
+        raise ValueError(f"{what}: expected an HTTP header name, got {value!r}")
+    return value.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class WebOptions:
+    """How the middleware builds a request's context and which cookies it keeps. Validated at creation."""
+
+    rollouts: tuple[str, ...] | None = None
+    """Rollouts to decide on every request (``None``: every rollout of the router)."""
+    secret: str | bytes | None = None
+    """HMAC key for override tokens, pins and signed user cookies (default: ``$CANARY_ROUTER_SECRET``)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or CIDR blocks of proxies whose ``X-Forwarded-For`` and identity headers are believed."""
+    user_header: str | None = None
+    """Header carrying the user id, set by a trusted gateway (ignored from anyone else)."""
+    user_cookie: str | None = None
+    """Cookie carrying a user id signed with the secret (``overrides.sign_value(secret, "user", id)``)."""
+    country_header: str | None = None
+    """Header carrying the country, set by a trusted CDN (e.g. ``cf-ipcountry``)."""
+    region_header: str | None = None
+    """Header carrying the region, set by a trusted CDN or gateway."""
+    visitor_cookie: str | None = "canary_vid"
+    """Cookie with a random 128-bit id for anonymous visitors (``session_id``); ``None`` turns it off."""
+    visitor_max_age: int = 365 * 86400
+    """Lifetime of the visitor cookie, in seconds."""
+    affinity: bool = False
+    """Keep each visitor on the variant they first got, with a signed pin cookie (a rollback overrides it)."""
+    pin_cookie: str = "canary_pin"
+    """Name of the pin cookie (with ``affinity``)."""
+    override_header: str | None = "x-canary-override"
+    """Header that carries a signed tester override token."""
+    override_query: str | None = "canary_override"
+    """Query parameter that carries a signed tester override token."""
+    override_cookie: str = "canary_override"
+    """Cookie that keeps accepted override tokens."""
+    variant_header: bool = False
+    """Add a ``Canary-Variant: name=variant, ...`` response header (off by default)."""
+    attributes: Callable[[RequestInfo], Mapping[str, Any]] | None = None
+    """Optional callable adding your own attributes from the request."""
+    _networks: tuple[Network, ...] = field(default=(), init=False, repr=False)
+    _key: bytes | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_networks", _networks(self.trusted_proxies))
+        object.__setattr__(self, "_key", resolve_secret(self.secret))
+        for attr in ("user_header", "country_header", "region_header", "override_header"):
+            object.__setattr__(self, attr, _header_name(getattr(self, attr), attr))
+        _cookie_name(self.visitor_cookie, "visitor_cookie")
+        _cookie_name(self.pin_cookie, "pin_cookie")
+        _cookie_name(self.override_cookie, "override_cookie")
+        _cookie_name(self.user_cookie, "user_cookie")
+        if self.affinity and self._key is None:
+            raise ValueError("affinity needs a signing secret (secret=... or $CANARY_ROUTER_SECRET) for the pin cookie")
+        if self.user_cookie is not None and self._key is None:
+            raise ValueError("user_cookie needs a signing secret: an unsigned user id cookie could be forged")
+        if self.visitor_max_age <= 0:
+            raise ValueError(f"visitor_max_age must be positive, got {self.visitor_max_age!r}")
+        if self.rollouts is not None:
+            object.__setattr__(self, "rollouts", tuple(self.rollouts))
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
+
+    @property
+    def wanted_headers(self) -> frozenset[str]:
+        """Lower-case names of the request headers the resolver reads."""
+        names = {"cookie", "host", "user-agent", "accept-language", "x-forwarded-for"}
+        for name in (self.user_header, self.country_header, self.region_header, self.override_header):
+            if name:
+                names.add(name)
+        return frozenset(names)
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the resolver needs from a request, in framework-neutral form."""
+
+    method: str = "GET"
+    path: str = "/"
+    scheme: str = "http"
+    query_string: str = ""
+    peer: str | None = None
+    """The address of the TCP peer (the client, or the last proxy)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Lower-case header names to values (repeated headers joined with ``", "``)."""
+    user_id: str | None = None
+    """The framework's authenticated user, if any (trusted)."""
+
+
+@dataclass(slots=True)
+class Resolution:
+    """The outcome for one request: its context, decisions, and what to add to the response."""
+
+    context: Context
+    decisions: dict[str, Decision]
+    set_cookies: list[str] = field(default_factory=list)
+    vary_cookie: bool = False
+    variant_header: str | None = None
+
+    def variant(self, rollout: str) -> Variant:
+        """The variant decided for ``rollout`` ("old" when it was not decided)."""
+        decision = self.decisions.get(rollout)
+        return decision.variant if decision is not None else "old"
+
+
+def parse_cookies(header: str | None, wanted: Iterable[str]) -> dict[str, str]:
+    """Extract the ``wanted`` cookies from a ``Cookie`` header; malformed pairs are skipped, never raised."""
+    if not header or len(header) > _MAX_COOKIE_HEADER:
+        return {}
+    names = set(wanted)
+    found: dict[str, str] = {}
+    for part in header.split(";", 200)[:200]:
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in names or name in found:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if len(value) <= _MAX_HEADER and value.isprintable():
+            found[name] = value
+    return found
+
+
+def _query_value(query: str, name: str) -> str | None:
+    if not query or len(query) > _MAX_HEADER:
+        return None
+    from urllib.parse import unquote
+
+    for part in query.split("&", 100)[:100]:
+        key, sep, value = part.partition("=")
+        if sep and unquote(key) == name:
+            return unquote(value)
+    return None
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text or len(text) > 64:
+        return None
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1 : text.index("]")]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+class WebResolver:
+    """Resolves requests for one router with one set of :class:`WebOptions`. Thread-safe; never raises."""
+
+    def __init__(self, router: Router, options: WebOptions | None = None) -> None:
+        self.router = router
+        self.options = options or WebOptions()
+        names = self.options.rollouts
+        if names is not None:
+            for name in names:
+                router._require(name)
+        self._names: tuple[str, ...] | None = names
+        self._cookies = frozenset(
+            n
+            for n in (
+                self.options.visitor_cookie,
+                self.options.pin_cookie if self.options.affinity else None,
+                self.options.override_cookie,
+                self.options.user_cookie,
+            )
+            if n
+        )
+        self._lock = threading.Lock()
+        self.counters: dict[str, int] = {
+            "overrides_accepted": 0,
+            "overrides_rejected": 0,
+            "malformed_input": 0,
+            "errors": 0,
+        }
+        """Requests counted by outcome: accepted / rejected override tokens, malformed input, internal errors."""
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.counters[key] += 1
+
+    @property
+    def rollout_names(self) -> tuple[str, ...]:
+        """The rollouts decided per request."""
+        return self._names if self._names is not None else tuple(self.router.rollouts)
+
+    def client_ip(self, info: RequestInfo) -> str | None:
+        """The client address: the peer, or (behind trusted proxies only) the last untrusted X-Forwarded-For hop."""
+        networks = self.options._networks
+        if not networks:
+            return info.peer if info.peer and len(info.peer) <= 64 else None
+        peer = _ip(info.peer)
+        if peer is None or not any(peer in n for n in networks):
+            return str(peer) if peer is not None else None
+        forwarded = info.headers.get("x-forwarded-for")
+        if not forwarded or len(forwarded) > _MAX_HEADER:
+            return str(peer)
+        hops = [_ip(h) for h in forwarded.split(",")[:32]]
+        client = peer
+        for hop in reversed(hops):
+            if hop is None:
+                self._count("malformed_input")
+                return str(client)
+            client = hop
+            if not any(hop in n for n in networks):
+                break
+        return str(client)
+
+    def _from_trusted_proxy(self, info: RequestInfo) -> bool:
+        peer = _ip(info.peer)
+        return peer is not None and any(peer in n for n in self.options._networks)
+
+    def resolve(self, info: RequestInfo) -> Resolution:
+        """Build the request's context and decisions; never raises (falls back to deciding on an empty context)."""
+        try:
+            return self._resolve(info)
+        except Exception as exc:  # pragma: no cover - defensive: a request must never fail because of us
+            self._count("errors")
+            self.router._warn("web", f"request resolution failed, serving 'old': {exc!r}")
+            context = Context()
+            return Resolution(context, {name: self.router.decide(name, context) for name in self.rollout_names})
+
+    def _resolve(self, info: RequestInfo) -> Resolution:
+        opts = self.options
+        headers = info.headers
+        key = opts._key
+        secure = info.scheme in ("https", "wss")
+        cookies = parse_cookies(headers.get("cookie"), self._cookies) if self._cookies else {}
+        set_cookies: list[str] = []
+        vary = False
+        trusted = bool(opts._networks) and self._from_trusted_proxy(info)
+
+        attrs: dict[str, Any] = {}
+        user = info.user_id
+        if user is None and opts.user_header and trusted:
+            value = headers.get(opts.user_header)
+            if value and len(value) <= _MAX_ATTRIBUTE and value.isprintable():
+                user = value
+        if user is None and opts.user_cookie:
+            signed = cookies.get(opts.user_cookie)
+            if signed:
+                vary = True
+                user = verify_value(key, "user", signed)
+                if user is None:
+                    self._count("malformed_input")
+        if user is not None and user != "":
+            attrs["user_id"] = user
+
+        if opts.visitor_cookie:
+            vary = True
+            visitor = cookies.get(opts.visitor_cookie)
+            if visitor is None or not _VISITOR_ID.match(visitor):
+                if visitor is not None:
+                    self._count("malformed_input")
+                visitor = secrets.token_hex(16)
+                set_cookies.append(self._cookie(opts.visitor_cookie, visitor, opts.visitor_max_age, secure))
+            attrs["session_id"] = visitor
+
+        attrs["path"] = info.path[:_MAX_ATTRIBUTE]
+        attrs["method"] = info.method
+        host = headers.get("host")
+        if host:
+            attrs["host"] = host[:_MAX_ATTRIBUTE]
+        client = self.client_ip(info)
+        if client:
+            attrs["client_ip"] = client
+        agent = headers.get("user-agent")
+        if agent:
+            attrs["user_agent"] = agent[:_MAX_ATTRIBUTE]
+        language = headers.get("accept-language")
+        if language:
+            first = language.split(",", 1)[0].split(";", 1)[0].strip()
+            if first:
+                attrs["accept_language"] = first[:64]
+        if trusted:
+            for attribute, header in (("country", opts.country_header), ("region", opts.region_header)):
+                if header:
+                    value = headers.get(header)
+                    if value and len(value) <= 64 and value.isprintable():
+                        attrs[attribute] = value.strip()
+        if opts.attributes is not None:
+            try:
+                attrs.update(opts.attributes(info))
+            except Exception as exc:
+                self.router._warn("web-attributes", f"the attributes callable failed: {exc!r}")
+
+        overrides = self._overrides(info, cookies, set_cookies, secure) if key is not None else {}
+        if overrides:
+            vary = True
+        context = Context.__new__(Context)
+        object.__setattr__(context, "_attrs", attrs)
+        object.__setattr__(context, "_overrides", overrides)
+        decide = self.router.decide
+        decisions = {name: decide(name, context) for name in self.rollout_names}
+        if opts.affinity:
+            vary = True
+            self._apply_pins(decisions, cookies, set_cookies, secure)
+        header = None
+        if opts.variant_header:
+            header = ", ".join(f"{name}={d.variant}" for name, d in decisions.items())
+        return Resolution(context, decisions, set_cookies, vary, header)
+
+    def _overrides(
+        self, info: RequestInfo, cookies: Mapping[str, str], set_cookies: list[str], secure: bool
+    ) -> dict[str, Variant]:
+        opts = self.options
+        key = opts._key
+        now = self.router.clock()
+        accepted: dict[str, tuple[Variant, float, str]] = {}
+        fresh = False
+        candidates: list[tuple[str, bool]] = []
+        if opts.override_header:
+            value = info.headers.get(opts.override_header)
+            if value:
+                candidates.append((value.strip(), True))
+        if opts.override_query:
+            value = _query_value(info.query_string, opts.override_query)
+            if value:
+                candidates.append((value.strip(), True))
+        stored = cookies.get(opts.override_cookie)
+        if stored:
+            candidates.extend((token, False) for token in stored.split(_TOKEN_SEPARATOR)[:16])
+        for token, new in candidates:
+            grant = verify_token(key, token, now=now)
+            if grant is None or grant.rollout not in self.router.rollouts:
+                self._count("overrides_rejected")
+                continue
+            if new:
+                self._count("overrides_accepted")
+                fresh = True
+            accepted[grant.rollout] = (grant.variant, grant.expires, token)
+        if fresh and accepted:
+            value = _TOKEN_SEPARATOR.join(token for _, _, token in accepted.values())
+            max_age = int(max(expires for _, expires, _ in accepted.values()) - now)
+            set_cookies.append(self._cookie(opts.override_cookie, value, max(1, max_age), secure))
+        return {name: variant for name, (variant, _, _) in accepted.items()}
+
+    def _apply_pins(
+        self, decisions: dict[str, Decision], cookies: Mapping[str, str], set_cookies: list[str], secure: bool
+    ) -> None:
+        opts = self.options
+        key = opts._key
+        if key is None:  # pragma: no cover - WebOptions refuses affinity without a secret
+            return
+        raw = cookies.get(opts.pin_cookie)
+        pins: dict[str, Variant] = {}
+        if raw:
+            value = verify_value(key, "pin", raw)
+            if value is None:
+                self._count("malformed_input")
+            else:
+                pins = decode_pins(value)
+        before = dict(pins)
+        pinnable = (Reason.SPLIT, Reason.RULE_SPLIT, Reason.RULE_MATCH)
+        for name, decision in decisions.items():
+            reason = decision.reason
+            if reason in (Reason.ROLLED_BACK, Reason.COMPLETED):
+                pins.pop(name, None)  # a rollback (or completion) overrides any pin
+            elif reason in pinnable:
+                pinned = pins.get(name)
+                if pinned is None:
+                    pins[name] = decision.variant
+                elif pinned != decision.variant:
+                    decisions[name] = Decision(pinned, Reason.PINNED, decision.bucket, decision.unit)
+        if pins != before:
+            if pins:
+                set_cookies.append(
+                    self._cookie(opts.pin_cookie, sign_value(key, "pin", encode_pins(pins)), None, secure)
+                )
+            else:
+                set_cookies.append(self._cookie(opts.pin_cookie, "", 0, secure))
+
+    @staticmethod
+    def _cookie(name: str, value: str, max_age: int | None, secure: bool) -> str:
+        parts = [f"{name}={value}", "Path=/"]
+        if max_age is not None:
+            parts.append(f"Max-Age={max_age}")
+        parts += ["HttpOnly", "SameSite=Lax"]
+        if secure:
+            parts.append("Secure")
+        return "; ".join(parts)
