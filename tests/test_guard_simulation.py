@@ -20,12 +20,14 @@ def test_aa_has_no_false_rollbacks_while_the_naive_rule_flaps() -> None:
     summary = guard_simulation.summarise("aa", guard_simulation.run_scenario("aa", 40, SEED, workers=1))
     assert summary["rolled_back"] <= 1
     assert summary["naive_rollback_rate"] >= 0.05
+    assert summary["ever_passed"] >= 36  # healthy rollouts do pass (and would be promoted)
 
 
 def test_regression_is_rolled_back() -> None:
     """A 0.5 % → 2.5 % error regression is rolled back in nearly every run, by the error-rate check."""
     summary = guard_simulation.summarise("regression", guard_simulation.run_scenario("regression", 30, SEED, 1))
     assert summary["rollback_rate"] >= 0.9
+    assert summary["ever_passed"] == 0  # never promotable
     assert set(summary["checks"]) == {"error_rate"}
     assert summary["p90_requests"] <= 200_000
 
@@ -42,6 +44,7 @@ def test_slowdown_is_caught() -> None:
     """A 1.5× slowdown of every new request is rolled back by a latency check."""
     summary = guard_simulation.summarise("latency", guard_simulation.run_scenario("latency", 15, SEED, 1))
     assert summary["rollback_rate"] == 1.0
+    assert summary["ever_passed"] == 0
     assert set(summary["checks"]) <= {"latency", "latency_tail"}
 
 
@@ -49,6 +52,7 @@ def test_tail_regression_is_caught_most_of_the_time() -> None:
     """2 % extra new requests slower than the old p99 are rolled back by the tail check in most runs."""
     summary = guard_simulation.summarise("tail", guard_simulation.run_scenario("tail", 20, SEED, 1))
     assert summary["rollback_rate"] >= 0.5
+    assert summary["ever_passed"] == 0  # not caught yet is not promoted either
     assert set(summary["checks"]) == {"latency_tail"}
 
 
