@@ -133,7 +133,8 @@ def controller(config: str, interval: float, ticks: int, as_json: bool) -> None:
 def demo(scenario: str, users: int, seed: int, rps: int) -> None:
     """Run an automated rollout on simulated traffic: expand while healthy, roll back when not.
 
-    Everything is real but the traffic and the clock: a Router with the embedded configuration below, a
+    Everything is real but the traffic and the clock: a Router with an embedded configuration (rollout
+    "recommender", steps 5 → 10 → 25 → 50 → 100 %, bake time 5 min, eu-west-1 expanding at 50 %), a
     decorated function per version, the guard and the controller, on an in-memory store with a compressed
     clock (one simulated hour takes a few seconds).
     """

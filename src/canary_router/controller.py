@@ -86,6 +86,9 @@ class Controller:
             except CanaryError as exc:
                 _log.warning("canary_router: controller could not act on %r: %s", name, exc)
                 action = Action(name, "wait", f"error: {exc}")
+            except Exception as exc:  # one broken rollout (or store) must not stop the others
+                _log.exception("canary_router: controller tick failed for %r", name)
+                action = Action(name, "wait", f"error: {exc!r}")
             if action is not None:
                 actions.append(action)
         return actions
