@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -142,6 +142,51 @@ def demo(scenario: str, users: int, seed: int, rps: int) -> None:
 
     console = Console(highlight=False, soft_wrap=True)
     sys.exit(run_demo(scenario=scenario, users=users, seed=seed, rps=rps, console=console))
+
+
+@cli.command("override-token")
+@click.option("--rollout", required=True, help="The rollout the token applies to (it grants nothing elsewhere).")
+@click.option("--variant", required=True, help="The variant the holder is served: new or old.")
+@click.option("--ttl", required=True, help="How long the token is valid: 7d, 12h, 1h30m, ... (or seconds).")
+@click.option(
+    "--secret",
+    default=None,
+    help="The signing secret, at least 16 bytes (default: $CANARY_ROUTER_SECRET, which is safer: a command "
+    "line is visible to other users of the host and stays in the shell's history).",
+)
+def override_token(rollout: str, variant: str, ttl: str, secret: str | None) -> None:
+    """Print a signed tester override token: its holder gets VARIANT of ROLLOUT until it expires.
+
+    Only the token is printed, so it can be piped or captured. Send it in the X-Canary-Override header or
+    the canary_override query parameter; the middleware checks it with the same secret and keeps it in a
+    cookie until it expires.
+    """
+    import re
+
+    from .config import _NAME, parse_duration
+    from .overrides import SECRET_ENV, create_token, resolve_secret
+
+    def fail(message: str) -> NoReturn:
+        click.echo(f"canary-router: override-token: {message}", err=True)
+        sys.exit(EXIT_FAILED)
+
+    if not _NAME.fullmatch(rollout):
+        fail(f"--rollout: expected a rollout name of letters, digits, '_', '.' or '-', got {rollout!r}")
+    if variant not in ("old", "new"):
+        fail(f"--variant: expected 'new' or 'old', got {variant!r}")
+    try:
+        seconds = parse_duration(float(ttl) if re.fullmatch(r"\d+(?:\.\d+)?", ttl) else ttl)
+    except ValueError as exc:
+        fail(f"--ttl: {exc}")
+    if seconds <= 0:
+        fail(f"--ttl: expected a positive duration, got {ttl!r}")
+    try:
+        key = resolve_secret(secret)
+    except ValueError as exc:  # too short to be safe
+        fail(str(exc))
+    if key is None:
+        fail(f"no signing secret: pass --secret or set ${SECRET_ENV}")
+    click.echo(create_token(key, rollout=rollout, variant="new" if variant == "new" else "old", ttl=seconds))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

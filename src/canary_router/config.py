@@ -24,7 +24,7 @@ from .rules import MULTI_VALUE_OPERATORS, OPERATORS, ConditionValueError, compil
 
 __all__ = ["Config", "load_config", "load_file", "parse_duration"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _DURATION = re.compile(
     r"^(?:\d+(?:\.\d+)?w)?(?:\d+(?:\.\d+)?d)?(?:\d+(?:\.\d+)?h)?(?:\d+(?:\.\d+)?m(?!s))?"
@@ -427,7 +427,7 @@ def _rules(value: Any, path: str, issues: _Issues, segments: Mapping[str, Any] |
 
 
 def _check_name(name: Any, path: str, issues: _Issues, what: str = "rollout") -> bool:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         issues.add(
             path,
             f"expected a {what} name of letters, digits, '_', '.' or '-' (at most 128, starting with a "

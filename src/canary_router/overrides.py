@@ -16,7 +16,9 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Literal
@@ -58,8 +60,17 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64_TEXT = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Decode unpadded base64url strictly: one canonical text per byte string, so a token cannot be varied."""
+    if not _B64_TEXT.fullmatch(text):  # the lenient decoder would silently drop other characters
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:  # non-zero unused bits in the last character
+        raise ValueError("not canonical base64url")
+    return data
 
 
 def _sign(key: bytes, payload: bytes) -> bytes:
@@ -96,8 +107,8 @@ def create_token(
         raise ValueError(f"variant must be 'old' or 'new', got {variant!r}")
     if not rollout or "|" in rollout:
         raise ValueError(f"invalid rollout name {rollout!r}")
-    if ttl <= 0:
-        raise ValueError(f"ttl must be positive, got {ttl!r}")
+    if not (ttl > 0 and math.isfinite(ttl)):  # NaN and infinity would fail later with a less clear error
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
     expires = int((time.time() if now is None else now) + ttl)
     payload = f"v1|override|{rollout}|{variant}|{expires}".encode()
     return f"{_b64(payload)}.{_b64(_sign(key, payload))}"

@@ -4,10 +4,12 @@ A :class:`WebResolver` turns one request (:class:`RequestInfo`) into a :class:`C
 the configured rollouts, and the cookies and headers to add to the response. It never raises: malformed,
 oversized or non-UTF-8 cookies and headers are ignored (and counted), and the request goes on.
 
-Trust model: nothing the client sends can put it into, or out of, a canary. The user id comes from the
+Trust model: nothing the client sends can put a user into, or out of, a canary. The user id comes from the
 framework's authenticated user, from a header set by a trusted gateway (honoured only when the request
 arrives from a configured trusted proxy), or from a cookie signed with the secret. Tester overrides and
-session pins are HMAC-signed. ``X-Forwarded-For`` and CDN country headers count only from trusted proxies.
+session pins are HMAC-signed, pins for one identity. ``X-Forwarded-For`` and CDN country headers count only
+from trusted proxies. (The anonymous visitor id is the client's own cookie: only the cohort of that
+anonymous visitor, for rollouts bucketed by ``session_id``, depends on it.)
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class WebOptions:
 
     rollouts: tuple[str, ...] | None = None
     """Rollouts to decide on every request (``None``: every rollout of the router)."""
-    secret: str | bytes | None = None
+    secret: str | bytes | None = field(default=None, repr=False)
     """HMAC key for override tokens, pins and signed user cookies (default: ``$CANARY_ROUTER_SECRET``)."""
     trusted_proxies: tuple[str, ...] = ()
     """Addresses or CIDR blocks of proxies whose ``X-Forwarded-For`` and identity headers are believed."""
@@ -88,7 +90,8 @@ class WebOptions:
     visitor_max_age: int = 365 * 86400
     """Lifetime of the visitor cookie, in seconds."""
     affinity: bool = False
-    """Keep each visitor on the variant they first got, with a signed pin cookie (a rollback overrides it)."""
+    """Keep each visitor on the variant they first got, with a pin cookie signed for the user (else the visitor id);
+    a rollback or completion overrides it."""
     pin_cookie: str = "canary_pin"
     """Name of the pin cookie (with ``affinity``)."""
     override_header: str | None = "x-canary-override"
@@ -208,6 +211,12 @@ def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return None
 
 
+def _pin_kind(identity: object) -> str:
+    """The signing purpose of a pin cookie for one identity (length-prefixed, so no two identities share one)."""
+    text = "" if identity is None else str(identity)
+    return f"pin:{len(text)}:{text}"
+
+
 class WebResolver:
     """Resolves requests for one router with one set of :class:`WebOptions`. Thread-safe; never raises."""
 
@@ -229,6 +238,10 @@ class WebResolver:
             )
             if n
         )
+        opts = self.options
+        # Whether a response can depend on a cookie. Vary must then be on every response, not only the ones a
+        # cookie changed: a shared cache keeps a response without Vary for every request of that URL.
+        self._vary = bool(opts.visitor_cookie or opts.user_cookie or opts.affinity or opts._key is not None)
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {
             "overrides_accepted": 0,
@@ -250,15 +263,13 @@ class WebResolver:
     def client_ip(self, info: RequestInfo) -> str | None:
         """The client address: the peer, or (behind trusted proxies only) the last untrusted X-Forwarded-For hop."""
         networks = self.options._networks
-        if not networks:
-            return info.peer if info.peer and len(info.peer) <= 64 else None
         peer = _ip(info.peer)
-        if peer is None or not any(peer in n for n in networks):
+        if peer is None or not networks or not any(peer in n for n in networks):
             return str(peer) if peer is not None else None
         forwarded = info.headers.get("x-forwarded-for")
         if not forwarded or len(forwarded) > _MAX_HEADER:
             return str(peer)
-        hops = [_ip(h) for h in forwarded.split(",")[:32]]
+        hops = [_ip(h) for h in forwarded.rsplit(",", 32)[-32:]]  # the right end is what our proxies wrote
         client = peer
         for hop in reversed(hops):
             if hop is None:
@@ -290,7 +301,6 @@ class WebResolver:
         secure = info.scheme in ("https", "wss")
         cookies = parse_cookies(headers.get("cookie"), self._cookies) if self._cookies else {}
         set_cookies: list[str] = []
-        vary = False
         trusted = bool(opts._networks) and self._from_trusted_proxy(info)
 
         attrs: dict[str, Any] = {}
@@ -302,7 +312,6 @@ class WebResolver:
         if user is None and opts.user_cookie:
             signed = cookies.get(opts.user_cookie)
             if signed:
-                vary = True
                 user = verify_value(key, "user", signed)
                 if user is None:
                     self._count("malformed_input")
@@ -310,7 +319,6 @@ class WebResolver:
             attrs["user_id"] = user
 
         if opts.visitor_cookie:
-            vary = True
             visitor = cookies.get(opts.visitor_cookie)
             if visitor is None or not _VISITOR_ID.match(visitor):
                 if visitor is not None:
@@ -348,20 +356,17 @@ class WebResolver:
                 self.router._warn("web-attributes", f"the attributes callable failed: {exc!r}")
 
         overrides = self._overrides(info, cookies, set_cookies, secure) if key is not None else {}
-        if overrides:
-            vary = True
         context = Context.__new__(Context)
         object.__setattr__(context, "_attrs", attrs)
         object.__setattr__(context, "_overrides", overrides)
         decide = self.router.decide
         decisions = {name: decide(name, context) for name in self.rollout_names}
         if opts.affinity:
-            vary = True
-            self._apply_pins(decisions, cookies, set_cookies, secure)
+            self._apply_pins(decisions, cookies, set_cookies, secure, attrs)
         header = None
         if opts.variant_header:
             header = ", ".join(f"{name}={d.variant}" for name, d in decisions.items())
-        return Resolution(context, decisions, set_cookies, vary, header)
+        return Resolution(context, decisions, set_cookies, self._vary, header)
 
     def _overrides(
         self, info: RequestInfo, cookies: Mapping[str, str], set_cookies: list[str], secure: bool
@@ -370,49 +375,62 @@ class WebResolver:
         key = opts._key
         now = self.router.clock()
         accepted: dict[str, tuple[Variant, float, str]] = {}
-        fresh = False
+        rewrite = False  # the override cookie must be written again
         candidates: list[tuple[str, bool]] = []
-        if opts.override_header:
-            value = info.headers.get(opts.override_header)
-            if value:
-                candidates.append((value.strip(), True))
+        # The stored tokens first, then the fresh ones, so a fresh token replaces a stored one for its rollout.
+        stored = cookies.get(opts.override_cookie)
+        if stored:
+            candidates.extend((token, False) for token in stored.split(_TOKEN_SEPARATOR)[:16])
         if opts.override_query:
             value = _query_value(info.query_string, opts.override_query)
             if value:
                 candidates.append((value.strip(), True))
-        stored = cookies.get(opts.override_cookie)
-        if stored:
-            candidates.extend((token, False) for token in stored.split(_TOKEN_SEPARATOR)[:16])
+        if opts.override_header:
+            value = info.headers.get(opts.override_header)
+            if value:
+                candidates.append((value.strip(), True))
         for token, new in candidates:
             grant = verify_token(key, token, now=now)
             if grant is None or grant.rollout not in self.router.rollouts:
                 self._count("overrides_rejected")
+                rewrite = rewrite or not new  # rewrite the cookie without it (or clear it), so it is counted once
                 continue
             if new:
                 self._count("overrides_accepted")
-                fresh = True
+                rewrite = True
             accepted[grant.rollout] = (grant.variant, grant.expires, token)
-        if fresh and accepted:
+        if rewrite and accepted:
             value = _TOKEN_SEPARATOR.join(token for _, _, token in accepted.values())
             max_age = int(max(expires for _, expires, _ in accepted.values()) - now)
             set_cookies.append(self._cookie(opts.override_cookie, value, max(1, max_age), secure))
+        elif rewrite:
+            set_cookies.append(self._cookie(opts.override_cookie, "", 0, secure))
         return {name: variant for name, (variant, _, _) in accepted.items()}
 
     def _apply_pins(
-        self, decisions: dict[str, Decision], cookies: Mapping[str, str], set_cookies: list[str], secure: bool
+        self,
+        decisions: dict[str, Decision],
+        cookies: Mapping[str, str],
+        set_cookies: list[str],
+        secure: bool,
+        attrs: Mapping[str, Any],
     ) -> None:
         opts = self.options
         key = opts._key
         if key is None:  # pragma: no cover - WebOptions refuses affinity without a secret
             return
+        # A pin is signed for one identity (the user, else the visitor), so a pin cookie copied from another
+        # browser or user is not honoured: otherwise a "new" pin could be handed around to join the canary.
+        user, visitor = attrs.get("user_id"), attrs.get("session_id")
+        kind = _pin_kind(user if user is not None and user != "" else visitor)
         raw = cookies.get(opts.pin_cookie)
         pins: dict[str, Variant] = {}
         if raw:
-            value = verify_value(key, "pin", raw)
-            if value is None:
-                self._count("malformed_input")
-            else:
+            value = verify_value(key, kind, raw)
+            if value is not None:
                 pins = decode_pins(value)
+            elif not (user and visitor and verify_value(key, _pin_kind(visitor), raw) is not None):
+                self._count("malformed_input")  # forged, or another identity's (a visitor's pin after login is not)
         before = dict(pins)
         pinnable = (Reason.SPLIT, Reason.RULE_SPLIT, Reason.RULE_MATCH)
         for name, decision in decisions.items():
@@ -428,7 +446,7 @@ class WebResolver:
         if pins != before:
             if pins:
                 set_cookies.append(
-                    self._cookie(opts.pin_cookie, sign_value(key, "pin", encode_pins(pins)), None, secure)
+                    self._cookie(opts.pin_cookie, sign_value(key, kind, encode_pins(pins)), None, secure)
                 )
             else:
                 set_cookies.append(self._cookie(opts.pin_cookie, "", 0, secure))

@@ -1,0 +1,565 @@
+"""Micro-benchmark of ``canary_router.asgi.CanaryMiddleware``: its cost per request, in process.
+
+No server and no socket: each case calls an ASGI app directly with a minimal scope, a ``receive`` that
+returns an empty request body and a ``send`` that drops the messages, inside one event loop. The app is
+the same small Starlette app in every case (one route answering ``ok``), called:
+
+* bare;
+* behind a pass-through pure ASGI middleware (the floor any middleware pays: one more coroutine call);
+* behind ``CanaryMiddleware`` in decision mode, configured like ``integrations/starlette`` (trusted proxy,
+  user header, a signing secret), for a returning visitor (visitor cookie, user id header) and for a
+  new visitor (no cookie: a fresh visitor id and a ``Set-Cookie``);
+* behind Starlette's ``BaseHTTPMiddleware`` with a pass-through ``dispatch``.
+
+The requests cycle through 10,000 distinct user ids. Every round runs a short batch of each case, in a
+shuffled order, so that a noisy neighbour slows all of them alike; a case is reported as the MEDIAN
+per-request time over the rounds, and a middleware's overhead as the median over the rounds of (its time
+minus the bare app's time in the same round), which cancels most of the drift of a shared machine. Pieces of
+the middleware's work are timed on their own, to show where its time goes. Times are the CPU time of the
+benchmark thread (``time.thread_time_ns``): everything runs on it, and time the OS gives to other
+processes on a shared machine does not count.
+
+Usage::
+
+    python bench/bench_asgi.py                               # print the table
+    python bench/bench_asgi.py --write docs/benchmarks.md    # also rewrite the marked section
+
+The exit status never depends on a timing: a case over its target is reported as "over target".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib.metadata
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+import canary_router
+from canary_router.asgi import CanaryMiddleware
+from canary_router.web import RequestInfo, Resolution, WebResolver
+
+START_MARKER = "<!-- bench:asgi:start -->"
+END_MARKER = "<!-- bench:asgi:end -->"
+HEADING = "## ASGI middleware"
+
+N_IDS = 10_000
+SECRET = "bench-secret-0123456789abcdef"  # noqa: S105  # a benchmark's signing key, not a credential
+TARGET_US = 3.0
+"""Decision-mode overhead over the bare app, returning visitor (CPython 3.11, median)."""
+
+CONFIG: dict[str, Any] = {
+    "rollouts": {
+        "recommender": {"steps": [25, 50, 100], "bake_time": "1h", "stickiness": ["user_id", "session_id"]},
+    }
+}
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+App = Callable[[Scope, Callable[[], Any], Callable[[Message], Any]], Any]
+
+
+@dataclass
+class Case:
+    """One timed app: ``scopes`` are the request scopes it cycles through."""
+
+    key: str
+    label: str
+    app: Any
+    scopes: list[Scope]
+    samples_ns: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Piece:
+    """One piece of the middleware's work, timed on its own (synchronous)."""
+
+    key: str
+    label: str
+    run: Callable[[int, int], None]
+    """``run(start, count)`` does the piece for ``count`` requests from index ``start``."""
+    samples_ns: list[float] = field(default_factory=list)
+
+
+class PassThrough:
+    """A pure ASGI middleware that does nothing but call the app."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Call the wrapped app."""
+        await self.app(scope, receive, send)
+
+
+class Precomputed:
+    """Stands in for the WebResolver with one precomputed answer, to time the adapter's own work alone."""
+
+    def __init__(self, resolver: WebResolver, info: RequestInfo) -> None:
+        self.router = resolver.router
+        self.answer = resolver.resolve(info)
+
+    def resolve(self, info: RequestInfo) -> Resolution:
+        """Return the precomputed resolution."""
+        return self.answer
+
+    def _count(self, key: str) -> None:
+        """Count nothing."""
+
+
+class BaseHTTPPassThrough(BaseHTTPMiddleware):
+    """Starlette's BaseHTTPMiddleware with a dispatch that only calls the next app."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        """Call the next app and return its response."""
+        return await call_next(request)
+
+
+def make_ids(seed: int) -> list[str]:
+    """``N_IDS`` distinct user ids."""
+    rng = random.Random(seed)
+    ids: set[str] = set()
+    while len(ids) < N_IDS:
+        ids.add(f"user-{rng.getrandbits(48):x}")
+    return sorted(ids, key=lambda _: rng.random())
+
+
+def scope_for(headers: list[tuple[bytes, bytes]]) -> Scope:
+    """A minimal HTTP scope for ``GET /recommendations`` from the trusted proxy 127.0.0.1."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/recommendations",
+        "raw_path": b"/recommendations",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 51234),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+def common_headers() -> list[tuple[bytes, bytes]]:
+    """The headers a browser-ish client sends, besides the identity ones."""
+    return [
+        (b"host", b"shop.example.com"),
+        (b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
+        (b"accept", b"application/json"),
+        (b"accept-encoding", b"gzip, deflate, br"),
+        (b"accept-language", b"en-GB,en;q=0.8"),
+        (b"connection", b"keep-alive"),
+    ]
+
+
+def build(ids: Sequence[str]) -> tuple[canary_router.Router, CanaryMiddleware, list[Case]]:
+    """The router, the app, the wrapped apps and their request scopes (all built outside the timing)."""
+    router = canary_router.Router.from_config(CONFIG)
+
+    async def recommendations(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    bare = Starlette(routes=[Route("/recommendations", recommendations)])
+    canary = CanaryMiddleware(
+        bare, router=router, secret=SECRET, trusted_proxies=["127.0.0.1"], user_header="x-user-id"
+    )
+    adapter = CanaryMiddleware(
+        bare, router=router, secret=SECRET, trusted_proxies=["127.0.0.1"], user_header="x-user-id"
+    )
+    rng = random.Random(7)
+    returning = [
+        scope_for(
+            [
+                *common_headers(),
+                (b"cookie", f"canary_vid={rng.getrandbits(128):032x}; theme=dark".encode()),
+                (b"x-user-id", uid.encode()),
+            ]
+        )
+        for uid in ids
+    ]
+    new_visitors = [scope_for([*common_headers(), (b"x-user-id", uid.encode())]) for uid in ids]
+    adapter.resolver = Precomputed(canary.resolver, canary._info(returning[0], "http"))  # type: ignore[assignment]
+    cases = [
+        Case("bare", "bare Starlette app", bare, returning),
+        Case("pass", "pass-through pure ASGI middleware", PassThrough(bare), returning),
+        Case("canary", "CanaryMiddleware, decision mode, returning visitor", canary, returning),
+        Case("canary_new", "CanaryMiddleware, decision mode, new visitor (Set-Cookie)", canary, new_visitors),
+        Case("adapter", "CanaryMiddleware with resolve() precomputed (the adapter alone)", adapter, returning),
+        Case("base_http", "Starlette BaseHTTPMiddleware, pass-through dispatch", BaseHTTPPassThrough(bare), returning),
+    ]
+    return router, canary, cases
+
+
+def pieces(router: canary_router.Router, canary: CanaryMiddleware, cases: list[Case]) -> list[Piece]:
+    """The middleware's work split into pieces, each timed alone over the returning visitors' scopes."""
+    scopes = next(c for c in cases if c.key == "canary").scopes
+    infos = [canary._info(scope, "http") for scope in scopes]
+    resolver = canary.resolver
+    resolutions = [resolver.resolve(info) for info in infos]
+    contexts = [r.context for r in resolutions]
+    resolve = resolver.resolve
+    info_of = canary._info
+    decide = router.decide
+    from canary_router.asgi import _header_send, _with_headers
+    from canary_router.web import parse_cookies
+
+    message = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+    cookie_names = resolver._cookies
+
+    async def noop_send(message: Message) -> None:
+        return None
+
+    def run_info(start: int, count: int) -> None:
+        for scope in scopes[start : start + count]:
+            info_of(scope, "http")
+
+    def run_headers(start: int, count: int) -> None:
+        for resolution in resolutions[start : start + count]:
+            _header_send(noop_send, resolution)
+            _with_headers(message, [], resolution.vary_cookie)
+
+    def run_resolve(start: int, count: int) -> None:
+        for info in infos[start : start + count]:
+            resolve(info)
+
+    def run_ip(start: int, count: int) -> None:
+        for info in infos[start : start + count]:
+            resolver._from_trusted_proxy(info)
+            resolver.client_ip(info)
+
+    def run_cookies(start: int, count: int) -> None:
+        for info in infos[start : start + count]:
+            parse_cookies(info.headers.get("cookie"), cookie_names)
+
+    def run_overrides(start: int, count: int) -> None:
+        for info in infos[start : start + count]:
+            resolver._overrides(info, {}, [], False)
+
+    def run_decide(start: int, count: int) -> None:
+        for context in contexts[start : start + count]:
+            decide("recommender", context)
+
+    return [
+        Piece("p_info", "piece: scope → RequestInfo (one pass over the headers)", run_info),
+        Piece("p_headers", "piece: wrap send + copy the start message, merge Vary", run_headers),
+        Piece("p_resolve", "piece: WebResolver.resolve(info), whole", run_resolve),
+        Piece("p_ip", "piece: … peer trust + client IP (ipaddress, peer parsed twice)", run_ip),
+        Piece("p_cookies", "piece: … parse_cookies", run_cookies),
+        Piece("p_overrides", "piece: … override check (no token offered)", run_overrides),
+        Piece("p_decide", "piece: … router.decide (1 rollout)", run_decide),
+    ]
+
+
+async def _drive(case: Case, start: int, count: int) -> int:
+    """Call the case's app for ``count`` requests from index ``start``; return the elapsed nanoseconds."""
+    body = {"type": "http.request", "body": b"", "more_body": False}
+
+    async def receive() -> Message:
+        return body
+
+    async def send(message: Message) -> None:
+        return None
+
+    app = case.app
+    scopes = case.scopes[start : start + count]
+    clock = time.thread_time_ns
+    t0 = clock()
+    for scope in scopes:
+        await app(dict(scope), receive, send)
+    return clock() - t0
+
+
+def sanity_check(router: canary_router.Router, cases: list[Case]) -> list[str]:
+    """Check that every case answers 200 and that the canary cases decide as configured; return problems."""
+    problems: list[str] = []
+
+    async def check() -> None:
+        for case in cases:
+            sent: list[Message] = []
+            scope = dict(case.scopes[0])
+
+            async def receive() -> Message:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message: Message, sent: list[Message] = sent) -> None:
+                sent.append(message)
+
+            await case.app(scope, receive, send)
+            if not sent or sent[0].get("status") != 200:
+                problems.append(f"{case.key}: no 200 response")
+                continue
+            names = {name for name, _ in sent[0]["headers"]}
+            if case.key.startswith("canary"):
+                decision = scope["state"]["canary"]["recommender"]
+                user = dict(case.scopes[0]["headers"])[b"x-user-id"].decode()
+                if decision.unit != user:
+                    problems.append(f"{case.key}: decided on {decision.unit!r}, not the user {user!r}")
+                if b"vary" not in names:
+                    problems.append(f"{case.key}: no Vary header")
+                if (b"set-cookie" in names) != (case.key == "canary_new"):
+                    problems.append(f"{case.key}: Set-Cookie {'missing' if case.key == 'canary_new' else 'unexpected'}")
+
+    asyncio.run(check())
+    return problems
+
+
+def measure(cases: list[Case], parts: list[Piece], args: argparse.Namespace) -> None:
+    """Warm up, then time a batch of every case (and piece) per round, in a shuffled order."""
+    rng = random.Random(args.seed)
+    order: list[Case | Piece] = [*cases, *parts]
+    batch: int = args.batch
+
+    async def timed(item: Case | Piece, start: int) -> float:
+        if not args.gc:
+            gc.disable()
+        try:
+            if isinstance(item, Case):
+                return await _drive(item, start, batch) / batch
+            t0 = time.thread_time_ns()
+            item.run(start, batch)
+            return (time.thread_time_ns() - t0) / batch
+        finally:
+            gc.enable()
+
+    async def run() -> None:
+        for round_no in range(args.warmup + args.repeats):
+            start = (round_no * batch) % (N_IDS - batch + 1)
+            rng.shuffle(order)
+            if not args.gc:
+                gc.collect()
+            for item in order:
+                elapsed = await timed(item, start)
+                if round_no >= args.warmup:
+                    item.samples_ns.append(elapsed)
+            if not args.quiet and round_no % 10 == 9:
+                print(f"\r  round {round_no + 1}/{args.warmup + args.repeats}", end="", file=sys.stderr, flush=True)
+        if not args.quiet:
+            print(file=sys.stderr)
+
+    asyncio.run(run())
+
+
+@dataclass
+class Row:
+    """One printed row."""
+
+    key: str
+    label: str
+    median_us: float
+    p25_us: float | None
+    p75_us: float | None
+    overhead_us: float | None
+    target_us: float | None
+
+    @property
+    def status(self) -> str:
+        """Return "pass", "over target", or "—" without a target."""
+        if self.target_us is None or self.overhead_us is None:
+            return "—"
+        return "pass" if self.overhead_us <= self.target_us else "over target"
+
+
+def _quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    median = statistics.median(samples)
+    if len(samples) < 2:
+        return median, median, median
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return q1, median, q3
+
+
+def summarize(cases: list[Case], parts: list[Piece]) -> list[Row]:
+    """Medians and quartiles per case and piece; each middleware's paired overhead over the bare app."""
+    bare = next(c for c in cases if c.key == "bare").samples_ns
+    rows: list[Row] = []
+    for case in cases:
+        q1, median, q3 = _quartiles(case.samples_ns)
+        overhead = None
+        if case.key != "bare":
+            overhead = statistics.median(a - b for a, b in zip(case.samples_ns, bare, strict=True)) / 1000
+        target = TARGET_US if case.key == "canary" else None
+        rows.append(Row(case.key, case.label, median / 1000, q1 / 1000, q3 / 1000, overhead, target))
+    for piece in parts:
+        q1, median, q3 = _quartiles(piece.samples_ns)
+        rows.append(Row(piece.key, piece.label, median / 1000, q1 / 1000, q3 / 1000, None, None))
+    return rows
+
+
+def cost_structure(rows: list[Row]) -> str:
+    """Split the decision-mode overhead into the adapter's own work and the resolver's share."""
+    med = {r.key: r.median_us for r in rows}
+    over = {r.key: r.overhead_us or 0.0 for r in rows}
+    overhead, adapter = over["canary"], over["adapter"]
+    known = med["p_ip"] + med["p_cookies"] + med["p_overrides"] + med["p_decide"]
+    return (
+        f"Cost structure of the decision-mode overhead, {overhead:.2f} µs (returning visitor): the adapter's own "
+        f"work ≈ {adapter:.2f} (the precomputed row; of which scope → RequestInfo ≈ {med['p_info']:.2f}, response "
+        f"headers ≈ {med['p_headers']:.2f}, one more coroutine layer ≈ {over['pass']:.2f}), and WebResolver.resolve "
+        f"≈ {overhead - adapter:.2f} in the request path ({med['p_resolve']:.2f} timed alone: peer trust and client "
+        f"IP ≈ {med['p_ip']:.2f}, cookies ≈ {med['p_cookies']:.2f}, override check ≈ {med['p_overrides']:.2f}, "
+        f"decide ≈ {med['p_decide']:.2f}, attributes and the rest ≈ {med['p_resolve'] - known:.2f}). Timed alone, "
+        "in a tight loop, the pieces run faster than the same code inside a request, so they add up to less."
+    )
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """Describe where and how the numbers were produced."""
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(terse=True),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "canary_router": canary_router.__version__,
+        "starlette": _version("starlette"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "rounds": args.repeats,
+        "warmup": args.warmup,
+        "batch": args.batch,
+        "gc": bool(args.gc),
+    }
+
+
+def fmt(value: float | None) -> str:
+    """Microseconds with nanosecond resolution, or a dash."""
+    return "—" if value is None else f"{value:.3f}"
+
+
+def print_table(rows: list[Row], env: dict[str, Any]) -> None:
+    """Print the results as a plain-text table."""
+    width = max(len(r.label) for r in rows)
+    print(
+        f"canary_router {env['canary_router']} · starlette {env['starlette']} · {env['implementation']} "
+        f"{env['python']} · {env['platform']} · {env['cpus']} CPUs"
+    )
+    print(
+        f"{env['rounds']} rounds × {env['batch']} requests per case over {N_IDS} distinct user ids, "
+        f"{env['warmup']} warm-up rounds"
+    )
+    head = f"{'case':<{width}}  {'median µs':>9}  {'p25–p75 µs':>13}  {'+ bare µs':>9}  {'target':>7}  result"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        spread = "—" if r.p25_us is None or r.p75_us is None else f"{r.p25_us:.3f}–{r.p75_us:.3f}"
+        target = "—" if r.target_us is None else f"≤ {r.target_us:g}"
+        flag = "  <-- OVER TARGET" if r.status == "over target" else ""
+        print(
+            f"{r.label:<{width}}  {fmt(r.median_us):>9}  {spread:>13}  {fmt(r.overhead_us):>9}  {target:>7}  "
+            f"{r.status}{flag}"
+        )
+
+
+def markdown(rows: list[Row], env: dict[str, Any], structure: str) -> str:
+    """The Markdown that goes between the markers."""
+    lines = [
+        "`bench/bench_asgi.py` calls a one-route Starlette app directly through ASGI (no server, no socket), bare "
+        "and behind each middleware, and reports the cost per request. `CanaryMiddleware` is configured like "
+        "`integrations/starlette` (trusted proxy, `x-user-id`, a signing secret, one rollout); a returning visitor "
+        "sends its visitor cookie, a new one gets a `Set-Cookie`. The target is for decision mode, returning "
+        f"visitor: ≤ {TARGET_US:g} µs over the bare app (CPython 3.11, median). Run "
+        "`python bench/bench_asgi.py --write docs/benchmarks.md` to refresh this section; the exit status never "
+        "depends on a timing.",
+        "",
+        "| Case | Median per request (µs) | p25–p75 (µs) | Overhead over bare (µs) | Target (µs) | Result |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        spread = "—" if r.p25_us is None or r.p75_us is None else f"{r.p25_us:.3f}–{r.p75_us:.3f}"
+        target = "—" if r.target_us is None else f"≤ {r.target_us:g}"
+        result = "**over target**" if r.status == "over target" else r.status
+        lines.append(f"| {r.label} | {fmt(r.median_us)} | {spread} | {fmt(r.overhead_us)} | {target} | {result} |")
+    lines += [
+        "",
+        f"- Python: {env['implementation']} {env['python']} on {env['platform']} ({env['machine']}, "
+        f"{env['cpus']} CPUs); canary_router {env['canary_router']}, Starlette {env['starlette']}",
+        f"- Date: {env['date']}",
+        f"- Command: `{env['command']}`",
+        f"- Method: in process, no server; {env['rounds']} rounds after {env['warmup']} warm-up rounds, each "
+        f"running a batch of {env['batch']:,} requests of every case in a shuffled order, over {N_IDS:,} distinct "
+        "user ids (a fresh copy of the scope per request, in every case); CPU time of the benchmark thread "
+        "(`time.thread_time_ns`), so time the OS gives to other processes does not count; median of the rounds; "
+        f"garbage collector {'enabled' if env['gc'] else 'disabled'} while timing. The overhead is the median over the "
+        "rounds of (case − bare app in the same round); the pieces are timed alone, synchronously, over the "
+        "same requests.",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace the text between the ASGI markers of ``path`` (appending a heading and markers if missing)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start < 0 or end < 0 or end < start:
+        text = f"{text.rstrip()}\n\n{HEADING}\n\n{START_MARKER}\n{END_MARKER}\n"
+        start, end = text.find(START_MARKER), text.find(END_MARKER)
+    path.write_text(f"{text[: start + len(START_MARKER)]}\n{body}\n{text[end:]}", encoding="utf-8")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--write", type=Path, metavar="MARKDOWN", help="rewrite the marked section of this file")
+    parser.add_argument("--repeats", type=int, default=200, help="timed rounds (default 200)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up rounds (default 10)")
+    parser.add_argument("--batch", type=int, default=500, help="requests per case per round (default 500)")
+    parser.add_argument("--gc", action="store_true", help="keep the garbage collector enabled while timing")
+    parser.add_argument("--seed", type=int, default=20240601, help="seed of the ids and of the round order")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or not 1 <= args.batch <= N_IDS:
+        parser.error(f"--repeats must be >= 1, --warmup >= 0, --batch in 1..{N_IDS}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; the exit status reflects errors only, never timings."""
+    args = parse_args(argv)
+    router, canary, cases = build(make_ids(args.seed))
+    problems = sanity_check(router, cases)
+    if problems:
+        for problem in problems:
+            print(f"sanity check failed: {problem}", file=sys.stderr)
+        return 2
+    parts = pieces(router, canary, cases)
+    measure(cases, parts, args)
+    rows = summarize(cases, parts)
+    env = environment(args)
+    structure = cost_structure(rows)
+    print_table(rows, env)
+    print()
+    print(structure)
+    if args.write:
+        write_section(args.write, markdown(rows, env, structure))
+        print(f"wrote the ASGI section of {args.write}")
+    router.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

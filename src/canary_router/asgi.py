@@ -1,0 +1,328 @@
+"""Pure ASGI middleware: per-request canary decisions for Starlette, FastAPI or any ASGI app.
+
+No framework is imported: the ASGI types below are plain aliases, shaped like ``starlette.types``.
+
+Decision mode (the default) resolves every HTTP and WebSocket request with a :class:`~canary_router.web.WebResolver`
+and runs the app with the request's context ambient, so functions decorated with ``router.canary(...)``
+anywhere below see it. The decisions are in ``scope["state"]["canary"]`` (Starlette: ``request.state.canary``)
+and the context in ``scope["state"]["canary_context"]``; HTTP responses get the resolver's cookies,
+``Vary: Cookie`` and, when enabled, ``Canary-Variant``::
+
+    app = CanaryMiddleware(app, router=router, trusted_proxies=["10.0.0.0/8"], user_header="x-user-id")
+
+Split mode routes whole requests between two apps by one rollout's decision, and records one observation
+per HTTP request for the guard (an exception or a status of 500 or more is an error; the latency runs
+until the last body chunk is sent)::
+
+    app = CanaryMiddleware(old_app, router=router, rollout="checkout-v2", new_app=new_app)
+
+The middleware never fails a request because of its own input: malformed headers, cookies or scopes make
+the resolver fall back (and count it), and the request goes on. Application exceptions pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
+
+from .context import _current
+from .web import RequestInfo, Resolution, WebOptions, WebResolver
+
+if TYPE_CHECKING:
+    from .model import Decision
+    from .router import Router
+
+__all__ = ["ASGIApp", "CanaryMiddleware", "Message", "Receive", "Scope", "Send", "WebOptionKeywords"]
+
+Scope = MutableMapping[str, Any]
+"""An ASGI connection scope."""
+Message = MutableMapping[str, Any]
+"""An ASGI event message."""
+Receive = Callable[[], Awaitable[Message]]
+"""The ASGI ``receive`` callable."""
+Send = Callable[[Message], Awaitable[None]]
+"""The ASGI ``send`` callable."""
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+"""An ASGI application."""
+
+_Header = tuple[bytes, bytes]
+
+
+class WebOptionKeywords(TypedDict, total=False):
+    """The keyword options of :class:`CanaryMiddleware`: the fields of :class:`~canary_router.web.WebOptions`.
+
+    Typed keywords (PEP 692) let a type checker catch a misspelt option, and keep
+    ``starlette.middleware.Middleware(CanaryMiddleware, ...)`` well-typed.
+    """
+
+    rollouts: Sequence[str] | None
+    secret: str | bytes | None
+    trusted_proxies: Sequence[str]
+    user_header: str | None
+    user_cookie: str | None
+    country_header: str | None
+    region_header: str | None
+    visitor_cookie: str | None
+    visitor_max_age: int
+    affinity: bool
+    pin_cookie: str
+    override_header: str | None
+    override_query: str | None
+    override_cookie: str
+    variant_header: bool
+    attributes: Callable[[RequestInfo], Mapping[str, Any]] | None
+
+
+_VARY = (b"vary", b"Cookie")
+_MAX_HEADER_ITEMS = 1000
+_PEER = (str, type(None))
+
+
+class CanaryMiddleware:
+    """Pure ASGI middleware that decides every request's rollouts and makes its context ambient.
+
+    ``CanaryMiddleware(app, router=router, **options)``: the keyword options build a
+    :class:`~canary_router.web.WebOptions` (``trusted_proxies=...``, ``user_header=...``, ``secret=...``, ...);
+    or pass ``options=WebOptions(...)``. With ``rollout="name", new_app=app2`` (split mode) each request goes
+    to ``new_app`` when that rollout's decision is "new", else to ``app``, and is observed for the guard.
+    ``lifespan`` and unknown scope types pass through untouched. Configuration errors raise here, at start-up;
+    per-request state stays in the call.
+    """
+
+    __slots__ = ("_wanted", "app", "new_app", "resolver", "rollout")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        router: Router,
+        options: WebOptions | None = None,
+        rollout: str | None = None,
+        new_app: ASGIApp | None = None,
+        **option_kwargs: Unpack[WebOptionKeywords],
+    ) -> None:
+        if options is not None and option_kwargs:
+            raise TypeError(
+                f"CanaryMiddleware: pass options=WebOptions(...) or option keywords, not both "
+                f"(got {', '.join(sorted(option_kwargs))})"
+            )
+        if options is None:
+            options = WebOptions(**cast("dict[str, Any]", option_kwargs))  # sequences become tuples there
+        if (rollout is None) != (new_app is None):
+            raise TypeError("CanaryMiddleware: split mode needs both rollout= and new_app=")
+        if rollout is not None:
+            router._require(rollout)  # an unknown rollout fails at start-up, naming the known ones
+            if options.rollouts is not None and rollout not in options.rollouts:
+                options = dataclasses.replace(options, rollouts=(*options.rollouts, rollout))
+        self.app = app
+        """The wrapped application (the old one, in split mode)."""
+        self.new_app = new_app
+        """The application serving the new version (split mode), else ``None``."""
+        self.rollout = rollout
+        """The rollout that splits requests between ``app`` and ``new_app`` (split mode), else ``None``."""
+        self.resolver = WebResolver(router, options)
+        """The resolver shared by every request (its ``counters`` count rejected overrides and bad input)."""
+        # header name as sent (lower-case bytes) -> (str key, separator for repeated headers).
+        # RFC 9113 §8.2.3: HTTP/2 may split the Cookie header, and the parts join with "; ".
+        self._wanted: dict[bytes, tuple[str, str]] = {
+            name.encode("latin-1"): (name, "; " if name == "cookie" else ", ") for name in options.wanted_headers
+        }
+
+    def __repr__(self) -> str:
+        split = f", rollout={self.rollout!r}" if self.rollout is not None else ""
+        return f"CanaryMiddleware({self.app!r}{split})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection: resolve it, then run the app (or split mode's choice) in its context."""
+        try:
+            kind = scope.get("type")
+        except AttributeError:  # not a mapping: not ours to judge
+            kind = None
+        if kind != "http" and kind != "websocket":  # noqa: PLR1714  # two comparisons beat a tuple on the hot path
+            await self.app(scope, receive, send)
+            return
+        resolution = self._resolve(scope, kind)
+        try:
+            state = scope.get("state")
+            if state is None:
+                scope["state"] = state = {}
+            state["canary"] = resolution.decisions
+            state["canary_context"] = resolution.context
+        except Exception:  # an immutable scope or state: the ambient context still works
+            self.resolver._count("malformed_input")
+        if kind == "http":
+            set_cookies = resolution.set_cookies
+            if set_cookies or resolution.vary_cookie or resolution.variant_header is not None:
+                send = _header_send(send, resolution)
+        token = _current.set(resolution.context)
+        try:
+            if self.new_app is None:
+                await self.app(scope, receive, send)
+            else:
+                await self._split(scope, receive, send, resolution, kind)
+        finally:
+            try:  # noqa: SIM105  # contextlib.suppress costs a context manager per request
+                _current.reset(token)
+            except ValueError:  # pragma: no cover - only if the coroutine was resumed in another context
+                pass
+
+    async def _split(self, scope: Scope, receive: Receive, send: Send, resolution: Resolution, kind: str) -> None:
+        """Route the request by the split rollout's decision; observe HTTP requests for the guard."""
+        name = cast("str", self.rollout)  # split mode sets both
+        new_app = cast("ASGIApp", self.new_app)
+        router = self.resolver.router
+        decision: Decision | None = resolution.decisions.get(name)
+        if decision is None:  # pragma: no cover - __init__ adds the rollout to the decided ones
+            decision = router.decide(name, resolution.context)
+        app = new_app if decision[0] == "new" else self.app
+        if kind != "http":  # a WebSocket's lifetime is no request latency: routed, not observed
+            await app(scope, receive, send)
+            return
+        status = 0
+        end = 0.0
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, end
+            event = message.get("type")
+            if event == "http.response.start":
+                status = message.get("status", 0)
+            await send(message)
+            if (event == "http.response.body" and not message.get("more_body", False)) or (
+                event == "http.response.pathsend"
+            ):
+                end = perf_counter()
+
+        start = perf_counter()
+        try:
+            await app(scope, receive, observed_send)
+        except Exception as exc:
+            router._observe(name, decision, False, (end or perf_counter()) - start, exc)
+            raise
+        failed = type(status) is int and status >= 500
+        router._observe(name, decision, not failed, (end or perf_counter()) - start)
+
+    def _resolve(self, scope: Scope, kind: str) -> Resolution:
+        """Resolve the request; odd scopes take the careful path, and the resolver itself never raises."""
+        resolver = self.resolver
+        try:
+            info = self._info(scope, kind)
+        except Exception:
+            resolver._count("malformed_input")
+            info = self._careful_info(scope, kind)
+        return resolver.resolve(info)
+
+    def _info(self, scope: Scope, kind: str) -> RequestInfo:
+        """Build the request info from a well-formed scope, reading only the wanted headers, in one pass."""
+        wanted = self._wanted
+        headers: dict[str, str] = {}
+        for name, value in scope.get("headers") or ():
+            spec = wanted.get(name)
+            if spec is not None:
+                key, separator = spec
+                text = value.decode("latin-1")
+                previous = headers.get(key)
+                headers[key] = text if previous is None else previous + separator + text
+        client = scope.get("client")
+        peer = client[0] if client else None
+        method = scope.get("method") or "GET"
+        path = scope.get("path") or "/"
+        scheme = scope.get("scheme") or ("http" if kind == "http" else "ws")
+        if type(method) is not str or type(path) is not str or type(scheme) is not str or type(peer) not in _PEER:
+            raise TypeError("a scope value of the wrong type")  # the careful path keeps the well-formed parts
+        query = scope.get("query_string")
+        return RequestInfo(method, path, scheme, query.decode("latin-1") if query else "", peer, headers)
+
+    def _careful_info(self, scope: Scope, kind: str) -> RequestInfo:
+        """Build the request info from a malformed scope: keep every well-formed piece, drop the rest."""
+        info = RequestInfo(scheme="http" if kind == "http" else "ws")
+        for attribute in ("method", "path", "scheme"):
+            value = _get(scope, attribute)
+            if type(value) is str and value:
+                setattr(info, attribute, value)
+        query = _get(scope, "query_string")
+        if isinstance(query, bytes | bytearray):
+            info.query_string = bytes(query).decode("latin-1")
+        client = _get(scope, "client")
+        if isinstance(client, list | tuple) and client and type(client[0]) is str:
+            info.peer = client[0]
+        headers: dict[str, str] = {}
+        try:
+            raw = list(_get(scope, "headers") or ())[:_MAX_HEADER_ITEMS]
+        except Exception:
+            raw = []
+        for item in raw:
+            try:
+                name, value = item
+                if isinstance(name, str):
+                    name = name.encode("latin-1")
+                spec = self._wanted.get(bytes(name).lower())
+                if spec is None:
+                    continue
+                key, separator = spec
+                text = value if isinstance(value, str) else bytes(value).decode("latin-1")
+            except Exception:  # noqa: S112  # one bad header item is skipped, the others still count
+                continue
+            previous = headers.get(key)
+            headers[key] = text if previous is None else previous + separator + text
+        info.headers = headers
+        return info
+
+
+def _get(scope: Scope, key: str) -> Any:
+    try:
+        return scope.get(key)
+    except Exception:
+        return None
+
+
+def _header_send(send: Send, resolution: Resolution) -> Send:
+    """Wrap ``send`` to add the resolution's response headers to ``http.response.start``."""
+    extra: list[_Header] = []
+    for cookie in resolution.set_cookies:
+        extra.append((b"set-cookie", cookie.encode("latin-1", "replace")))
+    if resolution.variant_header is not None:
+        extra.append((b"canary-variant", resolution.variant_header.encode("latin-1", "replace")))
+    vary = resolution.vary_cookie
+
+    async def send_with_headers(message: Message) -> None:
+        if message.get("type") == "http.response.start":
+            message = _with_headers(message, extra, vary)
+        await send(message)
+
+    return send_with_headers
+
+
+def _with_headers(message: Message, extra: list[_Header], vary: bool) -> Message:
+    """A copy of a ``http.response.start`` message with ``extra`` headers and ``Cookie`` merged into ``Vary``.
+
+    The app's header list is not changed in place (a response object may be sent again). Malformed headers
+    from the app leave the message as it was.
+    """
+    try:
+        headers: list[Any] = list(message.get("headers") or ())
+        if vary:
+            first = -1
+            covered = False
+            for index, (name, value) in enumerate(headers):
+                if name.lower() == b"vary":
+                    tokens = {token.strip().lower() for token in bytes(value).split(b",")}
+                    if b"cookie" in tokens or b"*" in tokens:
+                        covered = True
+                        break
+                    if first < 0:
+                        first = index
+            if not covered:
+                if first < 0:
+                    headers.append(_VARY)
+                else:
+                    name, value = headers[first]
+                    value = bytes(value).strip()
+                    headers[first] = (name, value + b", Cookie" if value else b"Cookie")
+        headers.extend(extra)
+        copy = dict(message)
+        copy["headers"] = headers
+        return copy
+    except Exception:
+        return message
