@@ -19,7 +19,7 @@ import logging
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -152,12 +152,49 @@ class RequestInfo:
     """The framework's authenticated user, if any (trusted)."""
 
 
+class LazyDecisions(Mapping[str, Decision]):
+    """Rollout name → :class:`Decision`, decided on first access (most requests never look at most rollouts).
+
+    Deciding is deterministic for the request's context, so deciding late gives the same answer as deciding
+    early — unless the rollout's state changes in between, and then the newer state is the right one.
+    """
+
+    __slots__ = ("_context", "_decided", "_names", "_router")
+
+    def __init__(self, router: Router, context: Context, names: tuple[str, ...]) -> None:
+        self._router = router
+        self._context = context
+        self._names = names
+        self._decided: dict[str, Decision] = {}
+
+    def __getitem__(self, name: str) -> Decision:
+        decision = self._decided.get(name)
+        if decision is None:
+            if name not in self._names:
+                raise KeyError(name)
+            decision = self._decided[name] = self._router.decide(name, self._context)
+        return decision
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __repr__(self) -> str:
+        return f"LazyDecisions({dict(self)!r})"
+
+
 @dataclass(slots=True)
 class Resolution:
     """The outcome for one request: its context, decisions, and what to add to the response."""
 
     context: Context
-    decisions: dict[str, Decision]
+    decisions: Mapping[str, Decision]
+    """Rollout name → decision (decided on first access; the decorators decide from the context anyway)."""
     set_cookies: list[str] = field(default_factory=list)
     vary_cookie: bool = False
     variant_header: str | None = None
@@ -172,7 +209,7 @@ def parse_cookies(header: str | None, wanted: Iterable[str]) -> dict[str, str]:
     """Extract the ``wanted`` cookies from a ``Cookie`` header; malformed pairs are skipped, never raised."""
     if not header or len(header) > _MAX_COOKIE_HEADER:
         return {}
-    names = set(wanted)
+    names = wanted if isinstance(wanted, (frozenset, set)) else set(wanted)
     found: dict[str, str] = {}
     for part in header.split(";", 200)[:200]:
         name, sep, value = part.partition("=")
@@ -227,7 +264,8 @@ class WebResolver:
         if names is not None:
             for name in names:
                 router._require(name)
-        self._names: tuple[str, ...] | None = names
+        self._names: tuple[str, ...] = names if names is not None else tuple(router.rollouts)
+        self._peers: dict[str, tuple[str | None, bool]] = {}
         self._cookies = frozenset(
             n
             for n in (
@@ -258,31 +296,44 @@ class WebResolver:
     @property
     def rollout_names(self) -> tuple[str, ...]:
         """The rollouts decided per request."""
-        return self._names if self._names is not None else tuple(self.router.rollouts)
+        return self._names
+
+    def _peer(self, peer: str | None) -> tuple[str | None, bool]:
+        """The peer's normalised address and whether it is a trusted proxy (cached: parsing costs microseconds)."""
+        if peer is None:
+            return None, False
+        cached = self._peers.get(peer)
+        if cached is None:
+            address = _ip(peer)
+            trusted = address is not None and any(address in n for n in self.options._networks)
+            cached = (str(address) if address is not None else None, trusted)
+            if len(self._peers) >= 4096:  # bounded: a scan of many addresses cannot grow it
+                self._peers.clear()
+            self._peers[peer] = cached
+        return cached
 
     def client_ip(self, info: RequestInfo) -> str | None:
         """The client address: the peer, or (behind trusted proxies only) the last untrusted X-Forwarded-For hop."""
         networks = self.options._networks
-        peer = _ip(info.peer)
-        if peer is None or not networks or not any(peer in n for n in networks):
-            return str(peer) if peer is not None else None
+        address, trusted = self._peer(info.peer)
+        if not trusted:
+            return address
         forwarded = info.headers.get("x-forwarded-for")
         if not forwarded or len(forwarded) > _MAX_HEADER:
-            return str(peer)
+            return address
         hops = [_ip(h) for h in forwarded.rsplit(",", 32)[-32:]]  # the right end is what our proxies wrote
-        client = peer
+        client = address
         for hop in reversed(hops):
             if hop is None:
                 self._count("malformed_input")
-                return str(client)
-            client = hop
+                return client
+            client = str(hop)
             if not any(hop in n for n in networks):
                 break
-        return str(client)
+        return client
 
     def _from_trusted_proxy(self, info: RequestInfo) -> bool:
-        peer = _ip(info.peer)
-        return peer is not None and any(peer in n for n in self.options._networks)
+        return self._peer(info.peer)[1]
 
     def resolve(self, info: RequestInfo) -> Resolution:
         """Build the request's context and decisions; never raises (falls back to deciding on an empty context)."""
@@ -292,7 +343,7 @@ class WebResolver:
             self._count("errors")
             self.router._warn("web", f"request resolution failed, serving 'old': {exc!r}")
             context = Context()
-            return Resolution(context, {name: self.router.decide(name, context) for name in self.rollout_names})
+            return Resolution(context, LazyDecisions(self.router, context, self._names))
 
     def _resolve(self, info: RequestInfo) -> Resolution:
         opts = self.options
@@ -301,7 +352,9 @@ class WebResolver:
         secure = info.scheme in ("https", "wss")
         cookies = parse_cookies(headers.get("cookie"), self._cookies) if self._cookies else {}
         set_cookies: list[str] = []
-        trusted = bool(opts._networks) and self._from_trusted_proxy(info)
+        client, trusted = self._peer(info.peer)
+        if trusted:
+            client = self.client_ip(info)
 
         attrs: dict[str, Any] = {}
         user = info.user_id
@@ -332,7 +385,6 @@ class WebResolver:
         host = headers.get("host")
         if host:
             attrs["host"] = host[:_MAX_ATTRIBUTE]
-        client = self.client_ip(info)
         if client:
             attrs["client_ip"] = client
         agent = headers.get("user-agent")
@@ -355,14 +407,25 @@ class WebResolver:
             except Exception as exc:
                 self.router._warn("web-attributes", f"the attributes callable failed: {exc!r}")
 
-        overrides = self._overrides(info, cookies, set_cookies, secure) if key is not None else {}
+        overrides: dict[str, Variant] = {}
+        if key is not None and (
+            (opts.override_cookie in cookies)
+            or (opts.override_header and opts.override_header in headers)
+            or (opts.override_query and opts.override_query in info.query_string)
+        ):
+            overrides = self._overrides(info, cookies, set_cookies, secure)
         context = Context.__new__(Context)
         object.__setattr__(context, "_attrs", attrs)
         object.__setattr__(context, "_overrides", overrides)
-        decide = self.router.decide
-        decisions = {name: decide(name, context) for name in self.rollout_names}
-        if opts.affinity:
-            self._apply_pins(decisions, cookies, set_cookies, secure, attrs)
+        decisions: Mapping[str, Decision]
+        if opts.affinity or opts.variant_header:
+            decide = self.router.decide
+            eager = {name: decide(name, context) for name in self._names}
+            if opts.affinity:
+                self._apply_pins(eager, cookies, set_cookies, secure, attrs)
+            decisions = eager
+        else:
+            decisions = LazyDecisions(self.router, context, self._names)
         header = None
         if opts.variant_header:
             header = ", ".join(f"{name}={d.variant}" for name, d in decisions.items())
