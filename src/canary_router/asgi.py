@@ -221,7 +221,11 @@ class CanaryMiddleware:
             spec = wanted.get(name)
             if spec is not None:
                 key, separator = spec
-                text = value.decode("latin-1")
+                try:  # header values are UTF-8 for every adapter (same bytes, same bucket); else dropped
+                    text = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.resolver._count("malformed_input")
+                    continue
                 previous = headers.get(key)
                 headers[key] = text if previous is None else previous + separator + text
         client = scope.get("client")

@@ -236,14 +236,17 @@ async def _user_id_async(request: Any) -> str | None:
     return _user_id(user)
 
 
-def _text(value: str) -> str:
-    """Undo WSGI/ASGI's latin-1 decoding of header bytes when they are UTF-8."""
+def _text(value: str) -> str | None:
+    """Undo WSGI's latin-1 decoding of header bytes: UTF-8 text, or ``None`` (dropped) when it is not UTF-8.
+
+    The ASGI and WSGI middleware apply the same policy, so the same bytes give the same bucket everywhere.
+    """
     if value.isascii():
         return value
     try:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeError:
-        return value
+        return None
 
 
 def _request_info(request: Any, state: _State, user_id: str | None) -> RequestInfo:
@@ -252,7 +255,11 @@ def _request_info(request: Any, state: _State, user_id: str | None) -> RequestIn
     for name, key in state.meta_keys:
         value = meta.get(key)
         if isinstance(value, str) and value:
-            headers[name] = _text(value)
+            text = _text(value)
+            if text is None:
+                state.resolver._count("malformed_input")
+            else:
+                headers[name] = text
     try:
         scheme = str(request.scheme)
     except Exception:  # e.g. a malformed SECURE_PROXY_SSL_HEADER setting

@@ -1,0 +1,389 @@
+"""Plain WSGI (PEP 3333) middleware: Flask, Django-on-WSGI, Pyramid, Bottle, any WSGI app. Imports no framework.
+
+Decision mode decides every configured rollout per request and makes the request's context ambient, for
+the app call and while the server iterates the response body, so ``router.canary(...)`` functions deep
+in a view (or in a streaming generator) see it::
+
+    app.wsgi_app = CanaryMiddleware(app.wsgi_app, router=router, trusted_proxies=["10.0.0.0/8"])
+
+Split mode routes whole requests between two WSGI apps and records one observation per request for the
+guard (errors: an exception or a status of 500 or more; latency: until the body is closed)::
+
+    application = CanaryMiddleware(old_app, router=router, rollout="api-v2", new_app=new_app)
+
+The decisions are in ``environ["canary.decisions"]`` (rollout name → :class:`~canary_router.Decision`,
+also :func:`decisions`) and the context in ``environ["canary.context"]``; Flask reads them through
+``flask.request.environ``. Bad input never breaks a request: malformed, oversized or non-UTF-8 headers
+and cookies are ignored (and counted in ``middleware.resolver.counters``) and the request goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import Context as _VarContext
+from contextvars import copy_context
+from time import perf_counter
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+from .context import _EMPTY_CONTEXT, Context, _current
+from .model import OLD, Decision, Reason
+from .web import RequestInfo, Resolution, WebOptions, WebResolver
+
+if TYPE_CHECKING:
+    from .router import Router
+
+__all__ = [
+    "CONTEXT_KEY",
+    "DECISIONS_KEY",
+    "CanaryMiddleware",
+    "StartResponse",
+    "WSGIApp",
+    "WSGIEnvironment",
+    "decisions",
+]
+
+DECISIONS_KEY = "canary.decisions"
+"""The environ key holding the request's decisions (rollout name → Decision)."""
+CONTEXT_KEY = "canary.context"
+"""The environ key holding the request's :class:`~canary_router.Context` (the ambient one while it runs)."""
+
+ExcInfo: TypeAlias = "tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]"
+WSGIEnvironment: TypeAlias = dict[str, Any]
+"""The WSGI environ."""
+
+
+class StartResponse(Protocol):
+    """The ``start_response`` callable of PEP 3333 (same shape as typeshed's, so Flask's types fit)."""
+
+    def __call__(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = ..., /
+    ) -> Callable[[bytes], object]:
+        """Begin the response with ``status`` and ``headers``; returns the legacy ``write`` callable."""
+        ...
+
+
+WSGIApp: TypeAlias = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
+"""A WSGI application."""
+
+_NO_DECISIONS: Mapping[str, Decision] = {}
+_ERROR_DECISION = Decision(OLD, Reason.ERROR, None)
+
+
+def decisions(environ: Mapping[str, Any]) -> Mapping[str, Decision]:
+    """The decisions :class:`CanaryMiddleware` made for this request (empty when it did not run)."""
+    found = environ.get(DECISIONS_KEY)
+    return found if isinstance(found, Mapping) else _NO_DECISIONS
+
+
+def _native(value: object) -> str | None:
+    """Decode a PEP 3333 native string (bytes as latin-1) as UTF-8; ``None`` when it is not a UTF-8 string."""
+    if not isinstance(value, str):
+        return None
+    if value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeEncodeError:  # not latin-1 at all: a server that already decoded the text
+        return value
+    except UnicodeDecodeError:
+        return None
+
+
+def _with_headers(headers: list[tuple[str, str]], extra: list[tuple[str, str]], vary: bool) -> list[tuple[str, str]]:
+    """The app's headers plus ours, with ``Cookie`` merged into an existing ``Vary``; the app's on any surprise."""
+    try:
+        if not vary:
+            return [*headers, *extra]
+        for name, _ in headers:
+            if len(name) == 4 and name.lower() == "vary":
+                break
+        else:
+            return [*headers, ("Vary", "Cookie"), *extra]
+        out = list(headers)
+        first = -1
+        for index, (name, value) in enumerate(out):
+            if name.lower() == "vary":
+                tokens = {token.strip().lower() for token in value.split(",")}
+                if "cookie" in tokens or "*" in tokens:
+                    break
+                if first < 0:
+                    first = index
+        else:
+            name, value = out[first]
+            out[first] = (name, f"{value}, Cookie" if value.strip() else "Cookie")
+        out.extend(extra)
+        return out
+    except Exception:  # a malformed header list is the app's to answer for, not ours
+        return headers
+
+
+class _Start:
+    """``start_response`` for the app in decision mode: adds our headers."""
+
+    __slots__ = ("extra", "start", "vary")
+
+    def __init__(self, start: StartResponse, extra: list[tuple[str, str]], vary: bool) -> None:
+        self.start = start
+        self.extra = extra
+        self.vary = vary
+
+    def __call__(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
+    ) -> Callable[[bytes], object]:
+        headers = _with_headers(headers, self.extra, self.vary)
+        if exc_info is None:
+            return self.start(status, headers)
+        return self.start(status, headers, exc_info)
+
+
+def _status_code(status: str | None) -> int:
+    if not status:
+        return 0
+    try:
+        return int(status[:3])
+    except (TypeError, ValueError):  # not a "NNN reason" string: the server refuses it, so it is an error
+        return 0
+
+
+class _Exchange:
+    """Per-request state of one call through the middleware: added headers and, in split mode, the timing."""
+
+    __slots__ = ("decision", "done", "extra", "rollout", "router", "start", "started", "status", "vary")
+
+    def __init__(
+        self, start: StartResponse, extra: list[tuple[str, str]], vary: bool, router: Router | None = None
+    ) -> None:
+        self.start = start
+        self.extra = extra
+        self.vary = vary
+        self.router = router
+        self.status: str | None = None
+        self.done = False
+        self.rollout = ""
+        self.decision = _ERROR_DECISION
+        self.started = 0.0
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
+    ) -> Callable[[bytes], object]:
+        """PEP 3333 ``start_response`` for the app: remembers the status and adds our headers."""
+        self.status = status
+        if self.extra or self.vary:
+            headers = _with_headers(headers, self.extra, self.vary)
+        if exc_info is None:
+            return self.start(status, headers)
+        return self.start(status, headers, exc_info)
+
+    def finish(self, error: BaseException | None) -> None:
+        """Record the request once (split mode): an exception or a status ≥ 500 is an error."""
+        if self.done or self.router is None:
+            return
+        self.done = True
+        duration = perf_counter() - self.started
+        ok = error is None and 0 < _status_code(self.status) < 500
+        self.router._observe(self.rollout, self.decision, ok, duration, error)
+
+
+class _Body:
+    """The app's response iterable, iterated and closed inside the request's ``contextvars`` context."""
+
+    __slots__ = ("_exchange", "_iterable", "_iterator", "_vars")
+
+    def __init__(self, iterable: Iterable[bytes], variables: _VarContext, exchange: _Exchange | None) -> None:
+        self._iterable = iterable
+        self._iterator: Iterator[bytes] | None = None
+        self._vars = variables
+        self._exchange = exchange
+
+    def __iter__(self) -> _Body:
+        return self
+
+    def __next__(self) -> bytes:
+        iterator = self._iterator
+        try:
+            if iterator is None:
+                iterator = self._iterator = self._vars.run(iter, self._iterable)
+            return self._vars.run(next, iterator)
+        except StopIteration:
+            if self._exchange is not None:  # exhausted: record now, even if a lax server never closes us
+                self._exchange.finish(None)
+            raise
+        except Exception as exc:
+            if self._exchange is not None:
+                self._exchange.finish(exc)
+            raise
+
+    def close(self) -> None:
+        """Close the app's iterable (PEP 3333); in split mode, record the request unless exhaustion already did."""
+        exchange = self._exchange
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                self._vars.run(close)
+        except Exception as exc:
+            if exchange is not None:
+                exchange.finish(exc)
+            raise
+        if exchange is not None:
+            exchange.finish(None)
+
+
+def _call_app(
+    app: WSGIApp, context: Context, environ: WSGIEnvironment, start_response: StartResponse
+) -> Iterable[bytes]:
+    _current.set(context)  # inside the request's copied contextvars context: no reset needed
+    return app(environ, start_response)
+
+
+class CanaryMiddleware:
+    """WSGI middleware that decides rollouts per request, makes the context ambient, and (optionally) splits apps.
+
+    ``CanaryMiddleware(app, router=router, **web_options)``: ``web_options`` are the fields of
+    :class:`~canary_router.web.WebOptions` (``trusted_proxies``, ``user_header``, ``variant_header``, ...),
+    or pass ``options=WebOptions(...)`` (keywords then override its fields). With ``rollout=`` and
+    ``new_app=``, requests decided "new" for that rollout go to ``new_app``, the others to ``app``, and each
+    request is recorded for the guard. ``user_id_from(environ)`` may return the user authenticated by the
+    server (e.g. ``environ.get("REMOTE_USER")`` under Apache/mod_wsgi); it is trusted.
+
+    Configuration is fixed at creation (bad options raise here); nothing per request is stored on ``self``.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        router: Router,
+        options: WebOptions | None = None,
+        rollout: str | None = None,
+        new_app: WSGIApp | None = None,
+        user_id_from: Callable[[WSGIEnvironment], str | None] | None = None,
+        **option_kwargs: Any,
+    ) -> None:
+        if options is None:
+            options = WebOptions(**option_kwargs)
+        elif option_kwargs:
+            options = dataclasses.replace(options, **option_kwargs)
+        if (rollout is None) != (new_app is None):
+            raise TypeError("split mode needs both rollout= and new_app= (decision mode needs neither)")
+        if rollout is not None:
+            router._require(rollout)
+            if options.rollouts is not None and rollout not in options.rollouts:
+                options = dataclasses.replace(options, rollouts=(*options.rollouts, rollout))
+        self.app = app
+        self.new_app = new_app
+        self.rollout = rollout
+        self.router = router
+        self.options = options
+        self.resolver = WebResolver(router, options)
+        """The resolver; ``resolver.counters`` counts rejected overrides, malformed input and internal errors."""
+        self.user_id_from = user_id_from
+        self._environ_keys: tuple[tuple[str, str], ...] = tuple(
+            ("HTTP_" + name.upper().replace("-", "_"), name) for name in sorted(options.wanted_headers)
+        )
+
+    # ------------------------------------------------------------------ per request
+
+    def request_info(self, environ: WSGIEnvironment) -> RequestInfo:
+        """The framework-neutral view of ``environ`` (wanted headers only, strings re-decoded as UTF-8)."""
+        get = environ.get
+        headers: dict[str, str] = {}
+        malformed = False
+        for key, name in self._environ_keys:
+            value = get(key)
+            if value:
+                if type(value) is not str or not value.isascii():
+                    value = _native(value)
+                    if value is None:
+                        malformed = True
+                        continue
+                headers[name] = value
+        if malformed:
+            self.resolver._count("malformed_input")
+        script, path = get("SCRIPT_NAME", ""), get("PATH_INFO", "")
+        if type(script) is not str or type(path) is not str or not (script.isascii() and path.isascii()):
+            script, path = _native(script) or "", _native(path) or ""
+        method = get("REQUEST_METHOD")
+        scheme = get("wsgi.url_scheme")
+        query = get("QUERY_STRING")
+        peer = get("REMOTE_ADDR")
+        user: str | None = None
+        if self.user_id_from is not None:
+            try:
+                found = self.user_id_from(environ)
+            except Exception as exc:
+                self.router._warn("wsgi-user", f"user_id_from failed: {exc!r}")
+                found = None
+            user = found if isinstance(found, str) and found else None
+        return RequestInfo(
+            method if type(method) is str else "GET",
+            script + path or "/",
+            scheme if type(scheme) is str else "http",
+            (query if query.isascii() else _native(query) or "") if type(query) is str else "",
+            peer if type(peer) is str else None,
+            headers,
+            user,
+        )
+
+    def resolve(self, environ: WSGIEnvironment) -> Resolution:
+        """Resolve the request's context and decisions; never raises (an empty context when all else fails)."""
+        try:
+            return self.resolver.resolve(self.request_info(environ))
+        except Exception as exc:  # defensive: a request must never fail because of us
+            self.resolver._count("errors")
+            self.router._warn("wsgi", f"reading the request failed, deciding on an empty context: {exc!r}")
+            context = Context()
+            return Resolution(
+                context, {name: self.router.decide(name, context) for name in self.resolver.rollout_names}
+            )
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Handle one request (PEP 3333)."""
+        try:
+            resolution = self.resolver.resolve(self.request_info(environ))
+        except Exception:  # pragma: no cover - defensive: resolve() below never raises
+            resolution = self.resolve(environ)
+        context = resolution.context
+        base = _current.get()
+        if base is not _EMPTY_CONTEXT:  # lay it over an enclosing ambient context, as use_context() does
+            try:
+                context = base.merge(context)
+            except Exception as exc:  # pragma: no cover - defensive
+                self.router._warn("wsgi-merge", f"cannot merge with the enclosing context: {exc!r}")
+        found = resolution.decisions
+        environ[DECISIONS_KEY] = found
+        environ[CONTEXT_KEY] = context
+        cookies = resolution.set_cookies
+        extra = [("Set-Cookie", cookie) for cookie in cookies] if cookies else []
+        if resolution.variant_header is not None:
+            extra.append(("Canary-Variant", resolution.variant_header))
+        variables = copy_context()
+        rollout = self.rollout
+        if rollout is None:  # decision mode
+            if extra or resolution.vary_cookie:
+                start_response = _Start(start_response, extra, resolution.vary_cookie)
+            result = variables.run(_call_app, self.app, context, environ, start_response)
+            kind = type(result)
+            if kind is list or kind is tuple:  # nothing runs while it is iterated
+                return result
+            wrapper = environ.get("wsgi.file_wrapper")
+            if wrapper is not None and kind is wrapper:  # keep the server's sendfile path
+                return result
+            return _Body(result, variables, None)
+        decision = found.get(rollout) or _ERROR_DECISION
+        app: WSGIApp = self.new_app if decision[0] == "new" and self.new_app is not None else self.app
+        exchange = _Exchange(start_response, extra, resolution.vary_cookie, self.router)
+        exchange.rollout = rollout
+        exchange.decision = decision
+        exchange.started = perf_counter()
+        try:
+            result = variables.run(_call_app, app, context, environ, exchange.start_response)
+        except Exception as exc:
+            exchange.finish(exc)
+            raise
+        return _Body(result, variables, exchange)
+
+    def __repr__(self) -> str:
+        mode = f"split {self.rollout!r}" if self.rollout is not None else "decisions"
+        return f"CanaryMiddleware({self.app!r}, {mode}, rollouts={self.resolver.rollout_names!r})"
