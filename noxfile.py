@@ -54,13 +54,14 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Run the decide/decorator/recording/verdict benchmarks and rewrite their section of docs/benchmarks.md.
+    """Run the decide/decorator/recording/verdict/telemetry benchmarks and rewrite their sections of docs/benchmarks.md.
 
     Extra arguments after ``--`` go to the script, e.g. ``nox -s bench -- --repeats 51 --json bench.json``.
     """
-    session.install(".")
+    session.install(".[otel]")  # the SDK is installed but left unconfigured, except by bench_telemetry
     session.run("python", "bench/bench_decide.py", "--write", "docs/benchmarks.md", *session.posargs)
     session.run("python", "bench/bench_guard.py", "--write", "docs/benchmarks.md")
+    session.run("python", "bench/bench_telemetry.py", "--write", "docs/benchmarks.md")
 
 
 @nox.session(python=PYTHON)

@@ -38,6 +38,7 @@ from .observe import StepSnapshot, VariantSnapshot
 from .router import Router
 from .shadow import ShadowStats
 from .stores import MemoryStore, Store, Versioned
+from .telemetry import Telemetry
 
 __all__ = [
     "Action",
@@ -67,6 +68,7 @@ __all__ = [
     "StepSnapshot",
     "Store",
     "StoreError",
+    "Telemetry",
     "TransitionError",
     "UnknownRolloutError",
     "Variant",

@@ -16,6 +16,7 @@ from .shadow import ShadowStats
 
 if TYPE_CHECKING:
     from .router import Router
+    from .telemetry import ParentContext, SpanHandle
 
 __all__ = ["ContextSource", "make_canary"]
 
@@ -34,6 +35,10 @@ ContextSource: TypeAlias = "str | Sequence[str] | Mapping[str, str] | Callable[.
 _MISSING = object()
 _SHADOW = Reason.SHADOW
 Extractor = Callable[[tuple[Any, ...], dict[str, Any]], Mapping[str, Any]]
+
+
+def _no_span_end(handle: SpanHandle, error: BaseException | None) -> None:
+    """Stand-in for ``Telemetry._span_end`` when the router has no telemetry (never called)."""
 
 
 def _parameter_extractor(func: Callable[..., Any], mapping: Mapping[str, str]) -> Extractor:
@@ -164,6 +169,11 @@ def make_canary(
         extract = _extractor(new, context_from)
         decide = router.decide
         observe = router._observe
+        telemetry = router._telemetry
+        # Routed-call spans: span_start returns None at once when tracing is off (one check, no span).
+        span_start = telemetry._span_start if telemetry is not None else None
+        span_end = telemetry._span_end if telemetry is not None else _no_span_end
+        capture = telemetry._parent if telemetry is not None else None
 
         def context_for(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Context | Mapping[str, Any] | None:
             if extract is None:
@@ -191,19 +201,44 @@ def make_canary(
             old_async = cast(Callable[..., Awaitable[Any]], old)
             tasks: set[asyncio.Task[None]] = set()
 
+            async def traced_async(
+                fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> Any:
+                """Run the old version after the new one failed (fallback), in a span of its own."""
+                span = span_start(name, "old") if span_start is not None else None
+                try:
+                    return await fn(*args, **kwargs)
+                except Exception as exc:
+                    if span is not None:
+                        span_end(span, exc)
+                        span = None
+                    raise
+                finally:
+                    if span is not None:
+                        span_end(span, None)
+
             async def shadow_new(
                 run: _ShadowRun, decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]
             ) -> None:
+                span = span_start(name, "new", True) if span_start is not None else None
                 start = perf_counter()
                 try:
                     value = await asyncio.wait_for(new_async(*args, **kwargs), shadow_timeout)
+                    elapsed = perf_counter() - start
                 except Exception as exc:
+                    elapsed = perf_counter() - start
+                    if span is not None:
+                        span_end(span, exc)
+                        span = None
                     timed_out = isinstance(exc, TimeoutError)
                     run.stats._add(errors=1, timeouts=int(timed_out))
-                    observe(name, decision, False, perf_counter() - start, exc, variant="new")
+                    observe(name, decision, False, elapsed, exc, variant="new")
                     run.done("new", _MISSING)
                     return
-                observe(name, decision, True, perf_counter() - start, variant="new")
+                finally:
+                    if span is not None:
+                        span_end(span, None)
+                observe(name, decision, True, elapsed, variant="new")
                 run.done("new", value)
 
             async def async_shadow(decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -212,20 +247,30 @@ def make_canary(
                 run: _ShadowRun | None = None
                 if len(tasks) < router.shadow_max_pending:
                     run = _ShadowRun(router, stats, compare, args, kwargs)
+                    # created before the old version's span starts, so both spans share the caller's parent
                     task = asyncio.get_running_loop().create_task(shadow_new(run, decision, args, kwargs))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 else:
                     stats._add(skipped=1)
+                span = span_start(name, "old") if span_start is not None else None
                 start = perf_counter()
                 try:
                     result = await old_async(*args, **kwargs)
+                    elapsed = perf_counter() - start
                 except Exception as exc:
-                    observe(name, decision, False, perf_counter() - start, exc)
+                    elapsed = perf_counter() - start
+                    if span is not None:
+                        span_end(span, exc)
+                        span = None
+                    observe(name, decision, False, elapsed, exc)
                     if run is not None:
                         run.done("old", _MISSING)
                     raise
-                observe(name, decision, True, perf_counter() - start)
+                finally:
+                    if span is not None:
+                        span_end(span, None)
+                observe(name, decision, True, elapsed)
                 if run is not None:
                     run.done("old", result)
                 return result
@@ -236,17 +281,25 @@ def make_canary(
                 if shadowed(decision):
                     return await async_shadow(decision, args, kwargs)
                 is_new = decision[0] == "new"
+                span = span_start(name, decision[0]) if span_start is not None else None
                 start = perf_counter()
                 try:
                     result = await (new_async if is_new else old_async)(*args, **kwargs)
+                    elapsed = perf_counter() - start
                 except Exception as exc:
                     elapsed = perf_counter() - start
+                    if span is not None:
+                        span_end(span, exc)
+                        span = None
                     if is_new and fallback_on_error:
                         observe(name, decision, False, elapsed, exc, True)
-                        return await old_async(*args, **kwargs)
+                        return await traced_async(old_async, args, kwargs)
                     observe(name, decision, False, elapsed, exc)
                     raise
-                observe(name, decision, True, perf_counter() - start)
+                finally:
+                    if span is not None:  # success, or a BaseException such as a cancellation
+                        span_end(span, None)
+                observe(name, decision, True, elapsed)
                 return result
 
             wrapper: Callable[..., Any] = async_wrapper
@@ -254,18 +307,45 @@ def make_canary(
             new_sync = cast(Callable[..., Any], new)
             old_sync = cast(Callable[..., Any], old)
 
+            def traced_sync(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                """Run the old version after the new one failed (fallback), in a span of its own."""
+                span = span_start(name, "old") if span_start is not None else None
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    if span is not None:
+                        span_end(span, exc)
+                        span = None
+                    raise
+                finally:
+                    if span is not None:
+                        span_end(span, None)
+
             def shadow_new_sync(
-                run: _ShadowRun, decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]
+                run: _ShadowRun,
+                decision: Decision,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                parent: ParentContext | None,
             ) -> None:
+                # on a pool thread: the caller's span is passed in, the thread has no context of its own
+                span = span_start(name, "new", True, parent) if span_start is not None else None
                 start = perf_counter()
                 try:
                     value = new_sync(*args, **kwargs)
+                    elapsed = perf_counter() - start
                 except Exception as exc:
+                    elapsed = perf_counter() - start
+                    if span is not None:
+                        span_end(span, exc)
+                        span = None
                     run.stats._add(errors=1)
-                    observe(name, decision, False, perf_counter() - start, exc, variant="new")
+                    observe(name, decision, False, elapsed, exc, variant="new")
                     run.done("new", _MISSING)
                     return
-                elapsed = perf_counter() - start
+                finally:
+                    if span is not None:
+                        span_end(span, None)
                 if elapsed > shadow_timeout:
                     run.stats._add(errors=1, timeouts=1)
                     error = TimeoutError(f"shadow run took {elapsed:.3f} s (timeout {shadow_timeout:g} s)")
@@ -279,18 +359,28 @@ def make_canary(
                 decision = shadow_decision(decision)
                 stats = router.shadow_stats(name)
                 run: _ShadowRun | None = _ShadowRun(router, stats, compare, args, kwargs)
-                if not router.shadow_pool.try_submit(shadow_new_sync, run, decision, args, kwargs):
+                parent = capture() if capture is not None else None
+                if not router.shadow_pool.try_submit(shadow_new_sync, run, decision, args, kwargs, parent):
                     stats._add(skipped=1)
                     run = None
+                span = span_start(name, "old") if span_start is not None else None
                 start = perf_counter()
                 try:
                     result = old_sync(*args, **kwargs)
+                    elapsed = perf_counter() - start
                 except Exception as exc:
-                    observe(name, decision, False, perf_counter() - start, exc)
+                    elapsed = perf_counter() - start
+                    if span is not None:
+                        span_end(span, exc)
+                        span = None
+                    observe(name, decision, False, elapsed, exc)
                     if run is not None:
                         run.done("old", _MISSING)
                     raise
-                observe(name, decision, True, perf_counter() - start)
+                finally:
+                    if span is not None:
+                        span_end(span, None)
+                observe(name, decision, True, elapsed)
                 if run is not None:
                     run.done("old", result)
                 return result
@@ -301,17 +391,25 @@ def make_canary(
                 if shadowed(decision):
                     return sync_shadow(decision, args, kwargs)
                 is_new = decision[0] == "new"
+                span = span_start(name, decision[0]) if span_start is not None else None
                 start = perf_counter()
                 try:
                     result = (new_sync if is_new else old_sync)(*args, **kwargs)
+                    elapsed = perf_counter() - start
                 except Exception as exc:
                     elapsed = perf_counter() - start
+                    if span is not None:
+                        span_end(span, exc)
+                        span = None
                     if is_new and fallback_on_error:
                         observe(name, decision, False, elapsed, exc, True)
-                        return old_sync(*args, **kwargs)
+                        return traced_sync(old_sync, args, kwargs)
                     observe(name, decision, False, elapsed, exc)
                     raise
-                observe(name, decision, True, perf_counter() - start)
+                finally:
+                    if span is not None:  # success, or a BaseException such as KeyboardInterrupt
+                        span_end(span, None)
+                observe(name, decision, True, elapsed)
                 return result
 
             wrapper = sync_wrapper

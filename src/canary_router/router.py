@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import mmh3
 
@@ -38,6 +38,7 @@ from .rules import Predicate, compile_condition
 from .shadow import ShadowPool, ShadowStats
 from .stores.base import Store, Versioned
 from .stores.memory import MemoryStore
+from .telemetry import Telemetry
 
 if TYPE_CHECKING:
     from .analysis import Check
@@ -123,6 +124,8 @@ class Router:
     ``Router(rollouts=[...], store=MemoryStore(), clock=time.time)``; usually built with
     :meth:`from_file` or :meth:`from_config`. :meth:`decide` never raises; the control methods
     (:meth:`promote`, :meth:`rollback`, ...) change the shared state with compare-and-set and an audit record.
+    ``telemetry`` is a :class:`~canary_router.telemetry.Telemetry`; the default (``"global"``) reports to
+    the global OpenTelemetry providers (a no-op until an SDK is configured), ``None`` turns it off.
     """
 
     def __init__(
@@ -134,8 +137,14 @@ class Router:
         clock: Callable[[], float] | None = None,
         record: bool = True,
         webhooks: Sequence[str | Webhook] = (),
+        telemetry: Telemetry | Literal["global"] | None = "global",
     ) -> None:
         self._clock: Callable[[], float] = clock or time.time
+        if telemetry == "global":
+            telemetry = Telemetry()
+        elif telemetry is not None and not isinstance(telemetry, Telemetry):
+            raise TypeError(f"telemetry must be a Telemetry, None or 'global', got {telemetry!r}")
+        self._telemetry: Telemetry | None = telemetry
         self._aggregator: Aggregator | None = Aggregator() if record else None
         self._checks: dict[str, tuple[Check, ...]] = {}
         self._notifier = Notifier()
@@ -168,13 +177,21 @@ class Router:
         *,
         store: Store | None = None,
         clock: Callable[[], float] | None = None,
+        telemetry: Telemetry | Literal["global"] | None = "global",
     ) -> Router:
         """Build a router from a configuration mapping (the shape of the TOML file) or a loaded :class:`Config`."""
         loaded = config if isinstance(config, Config) else load_config(config)
         hooks = [
             Webhook(url, timeout=loaded.webhook_timeout, retries=loaded.webhook_retries) for url in loaded.webhooks
         ]
-        return cls(loaded.rollouts.values(), store=store, segments=loaded.segments, clock=clock, webhooks=hooks)
+        return cls(
+            loaded.rollouts.values(),
+            store=store,
+            segments=loaded.segments,
+            clock=clock,
+            webhooks=hooks,
+            telemetry=telemetry,
+        )
 
     @classmethod
     def from_file(
@@ -183,9 +200,10 @@ class Router:
         *,
         store: Store | None = None,
         clock: Callable[[], float] | None = None,
+        telemetry: Telemetry | Literal["global"] | None = "global",
     ) -> Router:
         """Build a router from a TOML file (YAML when PyYAML is installed, or JSON)."""
-        return cls.from_config(load_file(path), store=store, clock=clock)
+        return cls.from_config(load_file(path), store=store, clock=clock, telemetry=telemetry)
 
     @staticmethod
     def _collect(
@@ -301,8 +319,17 @@ class Router:
 
         Order: signed override, then rollout state (rolled back / completed), then targeting rules (first
         match wins), then the step's percentage. Never raises: an unknown rollout, a missing unit or an
-        odd attribute value all get ``"old"`` (or the rule's answer) with a reason saying why.
+        odd attribute value all get ``"old"`` (or the rule's answer) with a reason saying why. With
+        telemetry on, the decision is counted and reported as a ``feature_flag.evaluation`` event.
         """
+        decision = self._decide(name, context)
+        telemetry = self._telemetry
+        if telemetry is not None:
+            telemetry._decided(name, decision, self)
+        return decision
+
+    def _decide(self, name: str, context: Context | Mapping[str, Any] | None) -> Decision:
+        """The decision itself (:meth:`decide` without the telemetry)."""
         try:
             compiled = self._compiled.get(name)
             if compiled is None:
@@ -372,6 +399,11 @@ class Router:
             self._warn("decide", f"decide({name!r}) failed, serving 'old': {exc!r}")
             return _ERROR
 
+    @property
+    def telemetry(self) -> Telemetry | None:
+        """The OpenTelemetry instrumentation of this router (``None`` when built with ``telemetry=None``)."""
+        return self._telemetry
+
     def _warn(self, key: str, message: str) -> None:
         """Log a hot-path problem at most once a minute per kind, so a bad input cannot flood the logs."""
         try:
@@ -421,6 +453,9 @@ class Router:
             now = self._clock()
             served = variant or decision[0]
             reason = decision[1]
+            telemetry = self._telemetry
+            if telemetry is not None:
+                telemetry._observed(name, served, duration, ok, error)
             if self._aggregator is not None:
                 self._aggregator.record(
                     name,
