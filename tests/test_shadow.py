@@ -92,7 +92,8 @@ def test_sync_shadow_serves_old_and_runs_new(routers: list[Router]) -> None:
     assert sample["new"] == "['a', 'x', 'c']"
     snap = snapshot(router)
     assert (snap.old.requests, snap.new.requests, snap.new.errors) == (1, 1, 0)
-    assert snap.new.units == 0  # shadow decisions are not split decisions
+    # a shadowed unit belongs to the new cohort (for the sample-ratio check), though "old" was served
+    assert (snap.old.units, snap.new.units) == (0, 1)
 
 
 def test_sync_shadow_counts_matches(routers: list[Router]) -> None:
@@ -512,3 +513,23 @@ def test_invalid_shadow_options_are_rejected(routers: list[Router]) -> None:
         router.canary("r", old=old, mode="mirror")
     with pytest.raises(ValueError, match="shadow_timeout"):
         router.canary("r", old=old, mode="shadow", shadow_timeout=0)
+
+
+def test_shadow_mode_keeps_the_sample_ratio_check_balanced() -> None:
+    """With mode="shadow" at a 50 % step, shadowed units count in the new cohort, so no sample-ratio mismatch."""
+    router = Router.from_config({"rollouts": {"r": {"steps": [50, 100]}}})
+
+    def old(user_id: str) -> int:
+        return 1
+
+    @router.canary("r", old=old, mode="shadow", context_from="user_id")
+    def new(user_id: str) -> int:
+        return 1
+
+    for i in range(2000):
+        new(f"user-{i}")
+    router.shadow_pool.shutdown(wait=True)
+    verdict = router.controller().verdict("r")
+    check = verdict.check("sample_ratio")
+    assert check is not None
+    assert check.outcome.value == "pass", check.message

@@ -754,3 +754,23 @@ def test_resolve_never_raises(
     assert web.counters["errors"] == before
     assert set(resolution.decisions) == {"checkout", "search"}
     assert all(header.isascii() and "\n" not in header for header in resolution.set_cookies)
+
+
+def test_pins_reach_code_that_decides_from_the_context() -> None:
+    """A pinned variant is what decide() (and so every decorated function) returns for the request's context."""
+    router = Router.from_config({"rollouts": {"r": {"steps": [50, 100]}}})
+    resolver = WebResolver(router, WebOptions(secret="pin-secret-0123456789", affinity=True, visitor_cookie=None))
+    users = [f"user-{i}" for i in range(200)]
+    first = {u: resolver.resolve(RequestInfo(user_id=u)) for u in users}
+    cookies = {
+        u: next(c.split(";")[0] for c in res.set_cookies if c.startswith("canary_pin=")) for u, res in first.items()
+    }
+    router.set_percent("r", 100)  # everyone would now get "new"; pinned "old" users must keep "old"
+    for user in users:
+        before = first[user].decisions["r"].variant
+        again = resolver.resolve(RequestInfo(user_id=user, headers={"cookie": cookies[user]}))
+        assert router.decide("r", again.context).variant == before
+        assert again.decisions["r"].variant == before
+    router.rollback("r")
+    last = resolver.resolve(RequestInfo(user_id=users[0], headers={"cookie": cookies[users[0]]}))
+    assert router.decide("r", last.context).reason == "rolled_back"

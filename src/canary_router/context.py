@@ -23,13 +23,16 @@ class Context(Mapping[str, Any]):
 
     ``Context(user_id="u-42", region="eu-west-1")`` or ``Context({"user_id": "u-42"})``.
     ``overrides`` maps a rollout name to a variant; only trusted code sets it (the middleware does, after
-    checking a signed tester token), because it beats every rule and percentage.
+    checking a signed tester token), because it beats every rule and percentage. ``pins`` maps a rollout
+    name to the variant a visitor first got (the middleware's session affinity, from a signed cookie); a pin
+    beats rules and percentages but not a rollback or a completion.
     """
 
-    __slots__ = ("_attrs", "_overrides")
+    __slots__ = ("_attrs", "_overrides", "_pins")
 
     _attrs: dict[str, Any]
     _overrides: Mapping[str, Variant]
+    _pins: Mapping[str, Variant]
 
     def __init__(
         self,
@@ -37,6 +40,7 @@ class Context(Mapping[str, Any]):
         /,
         *,
         overrides: Mapping[str, Variant] | None = None,
+        pins: Mapping[str, Variant] | None = None,
         **kwargs: Any,
     ) -> None:
         attrs = dict(attributes) if attributes else {}
@@ -51,6 +55,14 @@ class Context(Mapping[str, Any]):
             object.__setattr__(self, "_overrides", checked)
         else:
             object.__setattr__(self, "_overrides", _EMPTY)
+        if pins:
+            checked_pins = dict(pins)
+            for rollout, variant in checked_pins.items():
+                if variant not in ("old", "new"):
+                    raise ValueError(f"pin for {rollout!r} must be 'old' or 'new', got {variant!r}")
+            object.__setattr__(self, "_pins", checked_pins)
+        else:
+            object.__setattr__(self, "_pins", _EMPTY)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Context is immutable; use Context.merge() to derive a new one")
@@ -89,6 +101,11 @@ class Context(Mapping[str, Any]):
         """Rollout name → variant forced for this context (set only by trusted code)."""
         return self._overrides
 
+    @property
+    def pins(self) -> Mapping[str, Variant]:
+        """Rollout name → variant pinned by session affinity (set only by trusted code)."""
+        return self._pins
+
     def merge(
         self,
         attributes: Mapping[str, Any] | None = None,
@@ -99,17 +116,20 @@ class Context(Mapping[str, Any]):
     ) -> Context:
         """Return a new context: these attributes and overrides on top of this one's."""
         attrs = dict(self._attrs)
+        pins = self._pins
         if attributes:
             if isinstance(attributes, Context):
                 if overrides is None and attributes._overrides:
                     overrides = attributes._overrides
+                if attributes._pins:
+                    pins = {**pins, **attributes._pins}
                 attributes = attributes._attrs
             attrs.update(attributes)
         attrs.update(kwargs)
         merged = dict(self._overrides)
         if overrides:
             merged.update(overrides)
-        return Context(attrs, overrides=merged)
+        return Context(attrs, overrides=merged, pins=pins)
 
 
 _EMPTY_CONTEXT = Context()
@@ -150,6 +170,7 @@ class use_context:  # used as a function: ``with use_context(...)``
             ctx = Context.__new__(Context)
             object.__setattr__(ctx, "_attrs", attrs)
             object.__setattr__(ctx, "_overrides", _EMPTY)
+            object.__setattr__(ctx, "_pins", _EMPTY)
             self._context = ctx
         else:
             self._context = base.merge(attributes, overrides=overrides, **kwargs)

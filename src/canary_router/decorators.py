@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import threading
@@ -360,7 +361,10 @@ def make_canary(
                 stats = router.shadow_stats(name)
                 run: _ShadowRun | None = _ShadowRun(router, stats, compare, args, kwargs)
                 parent = capture() if capture is not None else None
-                if not router.shadow_pool.try_submit(shadow_new_sync, run, decision, args, kwargs, parent):
+                # the new version runs on a pool thread in a copy of the caller's context (ambient canary context,
+                # tracing context), as the async shadow task does
+                caller = contextvars.copy_context()
+                if not router.shadow_pool.try_submit(caller.run, shadow_new_sync, run, decision, args, kwargs, parent):
                     stats._add(skipped=1)
                     run = None
                 span = span_start(name, "old") if span_start is not None else None

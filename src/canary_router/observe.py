@@ -40,6 +40,7 @@ _SCALE = _PER_OCTAVE / math.log(2)
 _LOG_MIN = math.log(_MIN)
 _COARSE = 4  # history slots keep buckets of 2 ** (4 / 16) = 19 % width
 _UNIT_SEED = 0x5EED1E55
+_Pending = tuple[str, int, str, bool, float, "str | None", "bool | str", float]
 _BOUNDS = BOUNDS
 _TOP = BOUNDS[-1]
 _log = math.log
@@ -281,7 +282,7 @@ class Aggregator:
         self._folder: threading.Thread | None = None
         self._closed = threading.Event()
         _AGGREGATORS.add(self)
-        self._pending: deque[tuple[str, int, str, bool, float, str | None, bool, float]] = deque()
+        self._pending: deque[_Pending] = deque()
         self._max_pending = max_pending
         self._rollouts: dict[str, _Rollout] = {}
         self._slot_seconds = slot_seconds
@@ -308,10 +309,13 @@ class Aggregator:
         ok: bool,
         duration: float,
         unit: str | None,
-        split: bool,
+        split: bool | str,
         now: float,
     ) -> None:
         """Count one call of ``variant`` in step ``epoch``: outcome, latency, and (for split units) the unit.
+
+        ``split`` is ``True`` to count ``unit`` in ``variant``'s cohort, a variant name to count it in that
+        cohort instead (a shadowed unit is in the new cohort although "old" was served), or ``False``.
 
         On the request path this only appends to a queue (thread-safe, no lock). A background thread folds
         the queue into the aggregates every ``fold_interval`` seconds, and so does anything that reads them;
@@ -368,7 +372,7 @@ class Aggregator:
             return 0
         with self._drain_lock:
             popleft = pending.popleft
-            groups: dict[str, list[tuple[str, int, str, bool, float, str | None, bool, float]]] = {}
+            groups: dict[str, list[_Pending]] = {}
             folded = 0
             for _ in range(len(pending)):
                 try:
@@ -387,7 +391,7 @@ class Aggregator:
                     self._fold_errors += 1
             return folded
 
-    def _fold(self, rollout: str, items: list[tuple[str, int, str, bool, float, str | None, bool, float]]) -> None:
+    def _fold(self, rollout: str, items: list[_Pending]) -> None:
         agg = self._rollouts.get(rollout) or self._rollout(rollout)
         seconds = self._slot_seconds
         log, log_min, scale, last, top, bounds = _log, _LOG_MIN, _SCALE, _LAST, _TOP, _BOUNDS
@@ -421,7 +425,7 @@ class Aggregator:
                         unit_hash = _hash(unit.encode(), _UNIT_SEED, False)
                     except UnicodeEncodeError:
                         unit_hash = _hash(unit.encode("utf-8", "surrogatepass"), _UNIT_SEED, False)
-                    step.add_unit(counts, unit_hash, ok)
+                    step.add_unit(counts if split is True else step.variants[split], unit_hash, ok)
                 if slot is None or slot.start != now - now % seconds:
                     slot = agg.slot(now, seconds)
                     if slot is None:

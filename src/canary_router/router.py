@@ -341,6 +341,7 @@ class Router:
                 if forced is not None:
                     return _OVERRIDE[forced]
             kind = type(context)
+            pins = None
             if kind is dict:
                 attrs: Mapping[str, Any] = context
             elif kind is Context:
@@ -350,6 +351,7 @@ class Router:
                     chosen = overrides.get(name)
                     if chosen is not None:
                         return _OVERRIDE[chosen]
+                pins = context._pins or None  # type: ignore[attr-defined]
             elif isinstance(context, Mapping):
                 attrs = context
             else:  # defensive: callers may ignore the annotation
@@ -360,6 +362,14 @@ class Router:
             live = compiled.live
             if live.fixed is not None:
                 return live.fixed
+            if pins is not None:
+                pinned = pins.get(name)
+                if pinned is not None:
+                    # decide as if unpinned (a plain mapping carries no pins), then keep the pinned variant
+                    natural = self._decide(name, dict(attrs))
+                    if natural[0] == pinned:
+                        return natural
+                    return _new_decision(Decision, (pinned, Reason.PINNED, natural[2], natural[3]))
             limit = live.threshold
             reason = _SPLIT
             for rule in compiled.rules:
@@ -464,7 +474,9 @@ class Router:
                     ok,
                     duration,
                     decision[3],
-                    reason is _SPLIT,
+                    # units count for the sample-ratio check by cohort: a split unit in its variant, a shadowed
+                    # unit in "new" (it is in the new cohort, though "old" was served)
+                    True if reason is _SPLIT else ("new" if reason is _SHADOW else False),
                     now,
                 )
             observers = self._observers

@@ -414,15 +414,20 @@ class WebResolver:
             or (opts.override_query and opts.override_query in info.query_string)
         ):
             overrides = self._overrides(info, cookies, set_cookies, secure)
+        pins: dict[str, Variant] = {}
+        pin_kind = ""
+        if opts.affinity:
+            pins, pin_kind = self._read_pins(cookies, attrs)
         context = Context.__new__(Context)
         object.__setattr__(context, "_attrs", attrs)
         object.__setattr__(context, "_overrides", overrides)
+        object.__setattr__(context, "_pins", pins)  # decide() serves them (after a rollback or completion)
         decisions: Mapping[str, Decision]
         if opts.affinity or opts.variant_header:
             decide = self.router.decide
             eager = {name: decide(name, context) for name in self._names}
             if opts.affinity:
-                self._apply_pins(eager, cookies, set_cookies, secure, attrs)
+                self._update_pins(eager, pins, pin_kind, set_cookies, secure)
             decisions = eager
         else:
             decisions = LazyDecisions(self.router, context, self._names)
@@ -470,49 +475,49 @@ class WebResolver:
             set_cookies.append(self._cookie(opts.override_cookie, "", 0, secure))
         return {name: variant for name, (variant, _, _) in accepted.items()}
 
-    def _apply_pins(
-        self,
-        decisions: dict[str, Decision],
-        cookies: Mapping[str, str],
-        set_cookies: list[str],
-        secure: bool,
-        attrs: Mapping[str, Any],
-    ) -> None:
-        opts = self.options
-        key = opts._key
-        if key is None:  # pragma: no cover - WebOptions refuses affinity without a secret
-            return
+    def _read_pins(self, cookies: Mapping[str, str], attrs: Mapping[str, Any]) -> tuple[dict[str, Variant], str]:
+        """The visitor's verified pins, and the signing purpose bound to this visitor's identity."""
+        key = self.options._key
         # A pin is signed for one identity (the user, else the visitor), so a pin cookie copied from another
         # browser or user is not honoured: otherwise a "new" pin could be handed around to join the canary.
         user, visitor = attrs.get("user_id"), attrs.get("session_id")
         kind = _pin_kind(user if user is not None and user != "" else visitor)
-        raw = cookies.get(opts.pin_cookie)
-        pins: dict[str, Variant] = {}
-        if raw:
-            value = verify_value(key, kind, raw)
-            if value is not None:
-                pins = decode_pins(value)
-            elif not (user and visitor and verify_value(key, _pin_kind(visitor), raw) is not None):
-                self._count("malformed_input")  # forged, or another identity's (a visitor's pin after login is not)
-        before = dict(pins)
+        raw = cookies.get(self.options.pin_cookie)
+        if not raw or key is None:
+            return {}, kind
+        value = verify_value(key, kind, raw)
+        if value is not None:
+            return decode_pins(value), kind
+        if not (user and visitor and verify_value(key, _pin_kind(visitor), raw) is not None):
+            self._count("malformed_input")  # forged, or another identity's (a visitor's pin after login is not)
+        return {}, kind
+
+    def _update_pins(
+        self,
+        decisions: Mapping[str, Decision],
+        pins: dict[str, Variant],
+        kind: str,
+        set_cookies: list[str],
+        secure: bool,
+    ) -> None:
+        """Pin what was decided for the first time, drop pins that a rollback or completion overrode."""
+        key = self.options._key
+        if key is None:  # pragma: no cover - WebOptions refuses affinity without a secret
+            return
+        updated = dict(pins)
         pinnable = (Reason.SPLIT, Reason.RULE_SPLIT, Reason.RULE_MATCH)
         for name, decision in decisions.items():
             reason = decision.reason
             if reason in (Reason.ROLLED_BACK, Reason.COMPLETED):
-                pins.pop(name, None)  # a rollback (or completion) overrides any pin
-            elif reason in pinnable:
-                pinned = pins.get(name)
-                if pinned is None:
-                    pins[name] = decision.variant
-                elif pinned != decision.variant:
-                    decisions[name] = Decision(pinned, Reason.PINNED, decision.bucket, decision.unit)
-        if pins != before:
-            if pins:
-                set_cookies.append(
-                    self._cookie(opts.pin_cookie, sign_value(key, kind, encode_pins(pins)), None, secure)
-                )
+                updated.pop(name, None)
+            elif reason in pinnable and name not in updated:
+                updated[name] = decision.variant
+        if updated != pins:
+            cookie = self.options.pin_cookie
+            if updated:
+                set_cookies.append(self._cookie(cookie, sign_value(key, kind, encode_pins(updated)), None, secure))
             else:
-                set_cookies.append(self._cookie(opts.pin_cookie, "", 0, secure))
+                set_cookies.append(self._cookie(cookie, "", 0, secure))
 
     @staticmethod
     def _cookie(name: str, value: str, max_age: int | None, secure: bool) -> str:
