@@ -178,8 +178,12 @@ class Router:
         store: Store | None = None,
         clock: Callable[[], float] | None = None,
         telemetry: Telemetry | Literal["global"] | None = "global",
+        record: bool = True,
     ) -> Router:
-        """Build a router from a configuration mapping (the shape of the TOML file) or a loaded :class:`Config`."""
+        """Build a router from a configuration mapping (the shape of the TOML file) or a loaded :class:`Config`.
+
+        The keywords are those of :class:`Router`.
+        """
         loaded = config if isinstance(config, Config) else load_config(config)
         hooks = [
             Webhook(url, timeout=loaded.webhook_timeout, retries=loaded.webhook_retries) for url in loaded.webhooks
@@ -191,6 +195,7 @@ class Router:
             clock=clock,
             webhooks=hooks,
             telemetry=telemetry,
+            record=record,
         )
 
     @classmethod
@@ -201,9 +206,10 @@ class Router:
         store: Store | None = None,
         clock: Callable[[], float] | None = None,
         telemetry: Telemetry | Literal["global"] | None = "global",
+        record: bool = True,
     ) -> Router:
         """Build a router from a TOML file (YAML when PyYAML is installed, or JSON)."""
-        return cls.from_config(load_file(path), store=store, clock=clock, telemetry=telemetry)
+        return cls.from_config(load_file(path), store=store, clock=clock, telemetry=telemetry, record=record)
 
     @staticmethod
     def _collect(
