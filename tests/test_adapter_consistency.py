@@ -82,3 +82,36 @@ def test_non_utf8_header_is_dropped_by_both_adapters() -> None:
     raw = b"\xff\xfeuser"
     assert asgi_bucket(raw) != bucket("r", raw.decode("latin-1"))
     assert wsgi_bucket(raw) != bucket("r", raw.decode("latin-1"))
+
+
+def test_asgi_lays_the_request_context_over_an_enclosing_one() -> None:
+    """An ambient context set around the ASGI app survives: the request's attributes are laid over it."""
+    from canary_router import current_context, use_context
+
+    seen: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.update(current_context())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = AsgiMiddleware(
+        app, router=Router.from_config(CONFIG), trusted_proxies=["127.0.0.1"], user_header="x-user-id"
+    )
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "client": ("127.0.0.1", 1),
+        "headers": [(b"x-user-id", b"u7")],
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    with use_context(tenant="acme"):
+        asyncio.run(middleware(scope, receive, send))
+    assert (seen["tenant"], seen["user_id"]) == ("acme", "u7")

@@ -1,7 +1,7 @@
 """Flask example: the recommender rollout behind canary_router's WSGI middleware.
 
 Run it (from this directory) with ``gunicorn -w 1 -b 127.0.0.1:8000 app:app``; one worker, because the
-rollout state lives in an in-memory store, which is per process (use the Redis store for several).
+rollout state lives in an in-memory store, which is per process (several workers need a shared store).
 ``$CANARY_ROUTER_SECRET`` signs tester overrides and ``$CANARY_ADMIN_TOKEN`` guards the admin endpoint.
 """
 

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequen
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
 
-from .context import _current
+from .context import _EMPTY_CONTEXT, _current
 from .web import RequestInfo, Resolution, WebOptions, WebResolver
 
 if TYPE_CHECKING:
@@ -156,7 +156,8 @@ class CanaryMiddleware:
             set_cookies = resolution.set_cookies
             if set_cookies or resolution.vary_cookie or resolution.variant_header is not None:
                 send = _header_send(send, resolution)
-        token = _current.set(resolution.context)
+        outer = _current.get()  # lay the request's context over an enclosing one, as the other adapters do
+        token = _current.set(resolution.context if outer is _EMPTY_CONTEXT else outer.merge(resolution.context))
         try:
             if self.new_app is None:
                 await self.app(scope, receive, send)

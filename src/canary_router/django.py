@@ -54,7 +54,7 @@ from django.core.signals import setting_changed  # type: ignore[import-untyped]
 from django.utils.cache import patch_vary_headers  # type: ignore[import-untyped]
 from django.utils.functional import LazyObject, empty  # type: ignore[import-untyped]
 
-from .context import use_context
+from .context import Context, use_context
 from .errors import CanaryError, ConfigError
 from .router import Router
 from .web import RequestInfo, Resolution, WebOptions, WebResolver
@@ -285,12 +285,14 @@ def _prepare(request: Any, user_id: str | None) -> tuple[_State, Resolution] | N
     except Exception as exc:  # settings changed to something invalid after the middleware loaded
         _log.error("canary_router: no router, serving the request without canary decisions: %s", exc)
         request.canary = MappingProxyType({})
+        request.canary_context = Context()
         return None
     try:
         resolution = state.resolver.resolve(_request_info(request, state, user_id))
     except Exception as exc:
         state.router._warn("django", f"cannot resolve the request, serving it without canary decisions: {exc!r}")
         request.canary = MappingProxyType({})
+        request.canary_context = Context()
         return None
     request.canary = MappingProxyType(resolution.decisions)
     request.canary_context = resolution.context
