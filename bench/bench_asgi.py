@@ -32,18 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.metadata
-import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -52,13 +46,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+import benchlib
 import canary_router
 from canary_router.asgi import CanaryMiddleware
 from canary_router.web import RequestInfo, Resolution, WebResolver
 
-START_MARKER = "<!-- bench:asgi:start -->"
-END_MARKER = "<!-- bench:asgi:end -->"
+SECTION = "asgi"
+"""The name in the markers of this script's section of docs/benchmarks.md."""
 HEADING = "## ASGI middleware"
+"""The heading put above the markers when the file has none."""
 
 N_IDS = 10_000
 SECRET = "bench-secret-0123456789abcdef"  # noqa: S105  # a benchmark's signing key, not a credential
@@ -135,10 +131,7 @@ class BaseHTTPPassThrough(BaseHTTPMiddleware):
 def make_ids(seed: int) -> list[str]:
     """``N_IDS`` distinct user ids."""
     rng = random.Random(seed)
-    ids: set[str] = set()
-    while len(ids) < N_IDS:
-        ids.add(f"user-{rng.getrandbits(48):x}")
-    return sorted(ids, key=lambda _: rng.random())
+    return sorted(benchlib.distinct_user_ids(rng, N_IDS), key=lambda _: rng.random())
 
 
 def scope_for(headers: list[tuple[bytes, bytes]]) -> Scope:
@@ -351,9 +344,9 @@ def measure(cases: list[Case], parts: list[Piece], args: argparse.Namespace) -> 
                 if round_no >= args.warmup:
                     item.samples_ns.append(elapsed)
             if not args.quiet and round_no % 10 == 9:
-                print(f"\r  round {round_no + 1}/{args.warmup + args.repeats}", end="", file=sys.stderr, flush=True)
+                benchlib.progress(round_no + 1, args.warmup + args.repeats)
         if not args.quiet:
-            print(file=sys.stderr)
+            benchlib.end_progress()
 
     asyncio.run(run())
 
@@ -373,17 +366,7 @@ class Row:
     @property
     def status(self) -> str:
         """Return "pass", "over target", or "—" without a target."""
-        if self.target_us is None or self.overhead_us is None:
-            return "—"
-        return "pass" if self.overhead_us <= self.target_us else "over target"
-
-
-def _quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
-    median = statistics.median(samples)
-    if len(samples) < 2:
-        return median, median, median
-    q1, _, q3 = statistics.quantiles(samples, n=4)
-    return q1, median, q3
+        return benchlib.verdict(self.overhead_us, self.target_us)
 
 
 def summarize(cases: list[Case], parts: list[Piece]) -> list[Row]:
@@ -391,14 +374,14 @@ def summarize(cases: list[Case], parts: list[Piece]) -> list[Row]:
     bare = next(c for c in cases if c.key == "bare").samples_ns
     rows: list[Row] = []
     for case in cases:
-        q1, median, q3 = _quartiles(case.samples_ns)
+        q1, median, q3 = benchlib.quartiles(case.samples_ns)
         overhead = None
         if case.key != "bare":
             overhead = statistics.median(a - b for a, b in zip(case.samples_ns, bare, strict=True)) / 1000
         target = TARGET_US if case.key == "canary" else None
         rows.append(Row(case.key, case.label, median / 1000, q1 / 1000, q3 / 1000, overhead, target))
     for piece in parts:
-        q1, median, q3 = _quartiles(piece.samples_ns)
+        q1, median, q3 = benchlib.quartiles(piece.samples_ns)
         rows.append(Row(piece.key, piece.label, median / 1000, q1 / 1000, q3 / 1000, None, None))
     return rows
 
@@ -420,25 +403,11 @@ def cost_structure(rows: list[Row]) -> str:
     )
 
 
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """Describe where and how the numbers were produced."""
+    versions = {"canary_router": canary_router.__version__, "starlette": benchlib.version_of("starlette")}
     return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(terse=True),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "canary_router": canary_router.__version__,
-        "starlette": _version("starlette"),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        **benchlib.environment(versions),
         "rounds": args.repeats,
         "warmup": args.warmup,
         "batch": args.batch,
@@ -446,18 +415,10 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def fmt(value: float | None) -> str:
-    """Microseconds with nanosecond resolution, or a dash."""
-    return "—" if value is None else f"{value:.3f}"
-
-
 def print_table(rows: list[Row], env: dict[str, Any]) -> None:
     """Print the results as a plain-text table."""
     width = max(len(r.label) for r in rows)
-    print(
-        f"canary_router {env['canary_router']} · starlette {env['starlette']} · {env['implementation']} "
-        f"{env['python']} · {env['platform']} · {env['cpus']} CPUs"
-    )
+    print(f"canary_router {env['canary_router']} · starlette {env['starlette']} · {benchlib.platform_summary(env)}")
     print(
         f"{env['rounds']} rounds × {env['batch']} requests per case over {N_IDS} distinct user ids, "
         f"{env['warmup']} warm-up rounds"
@@ -466,12 +427,11 @@ def print_table(rows: list[Row], env: dict[str, Any]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        spread = "—" if r.p25_us is None or r.p75_us is None else f"{r.p25_us:.3f}–{r.p75_us:.3f}"
-        target = "—" if r.target_us is None else f"≤ {r.target_us:g}"
-        flag = "  <-- OVER TARGET" if r.status == "over target" else ""
+        spread = benchlib.fmt_range(r.p25_us, r.p75_us)
+        target = benchlib.fmt_target(r.target_us)
         print(
-            f"{r.label:<{width}}  {fmt(r.median_us):>9}  {spread:>13}  {fmt(r.overhead_us):>9}  {target:>7}  "
-            f"{r.status}{flag}"
+            f"{r.label:<{width}}  {benchlib.fmt_us(r.median_us):>9}  {spread:>13}  "
+            f"{benchlib.fmt_us(r.overhead_us):>9}  {target:>7}  {r.status}{benchlib.over_flag(r.status)}"
         )
 
 
@@ -490,16 +450,13 @@ def markdown(rows: list[Row], env: dict[str, Any], structure: str) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        spread = "—" if r.p25_us is None or r.p75_us is None else f"{r.p25_us:.3f}–{r.p75_us:.3f}"
-        target = "—" if r.target_us is None else f"≤ {r.target_us:g}"
-        result = "**over target**" if r.status == "over target" else r.status
-        lines.append(f"| {r.label} | {fmt(r.median_us)} | {spread} | {fmt(r.overhead_us)} | {target} | {result} |")
+        spread = benchlib.fmt_range(r.p25_us, r.p75_us)
+        overhead, target = benchlib.fmt_us(r.overhead_us), benchlib.fmt_target(r.target_us)
+        cells = [r.label, benchlib.fmt_us(r.median_us), spread, overhead, target, benchlib.markdown_status(r.status)]
+        lines.append(benchlib.markdown_row(cells))
+    lines.append("")
+    lines += benchlib.environment_lines(env, f"canary_router {env['canary_router']}, Starlette {env['starlette']}")
     lines += [
-        "",
-        f"- Python: {env['implementation']} {env['python']} on {env['platform']} ({env['machine']}, "
-        f"{env['cpus']} CPUs); canary_router {env['canary_router']}, Starlette {env['starlette']}",
-        f"- Date: {env['date']}",
-        f"- Command: `{env['command']}`",
         f"- Method: in process, no server; {env['rounds']} rounds after {env['warmup']} warm-up rounds, each "
         f"running a batch of {env['batch']:,} requests of every case in a shuffled order, over {N_IDS:,} distinct "
         "user ids (a fresh copy of the scope per request, in every case); CPU time of the benchmark thread "
@@ -511,26 +468,11 @@ def markdown(rows: list[Row], env: dict[str, Any], structure: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the ASGI markers of ``path`` (appending a heading and markers if missing)."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start < 0 or end < 0 or end < start:
-        text = f"{text.rstrip()}\n\n{HEADING}\n\n{START_MARKER}\n{END_MARKER}\n"
-        start, end = text.find(START_MARKER), text.find(END_MARKER)
-    path.write_text(f"{text[: start + len(START_MARKER)]}\n{body}\n{text[end:]}", encoding="utf-8")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--write", type=Path, metavar="MARKDOWN", help="rewrite the marked section of this file")
-    parser.add_argument("--repeats", type=int, default=200, help="timed rounds (default 200)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up rounds (default 10)")
+    parser = benchlib.bench_parser(__doc__, repeats=200, warmup=10)
     parser.add_argument("--batch", type=int, default=500, help="requests per case per round (default 500)")
-    parser.add_argument("--gc", action="store_true", help="keep the garbage collector enabled while timing")
-    parser.add_argument("--seed", type=int, default=20240601, help="seed of the ids and of the round order")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    benchlib.add_common_options(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or not 1 <= args.batch <= N_IDS:
         parser.error(f"--repeats must be >= 1, --warmup >= 0, --batch in 1..{N_IDS}")
@@ -541,10 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; the exit status reflects errors only, never timings."""
     args = parse_args(argv)
     router, canary, cases = build(make_ids(args.seed))
-    problems = sanity_check(router, cases)
-    if problems:
-        for problem in problems:
-            print(f"sanity check failed: {problem}", file=sys.stderr)
+    if benchlib.report_problems(sanity_check(router, cases)):
         return 2
     parts = pieces(router, canary, cases)
     measure(cases, parts, args)
@@ -555,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(structure)
     if args.write:
-        write_section(args.write, markdown(rows, env, structure))
+        benchlib.write_section(args.write, SECTION, markdown(rows, env, structure), heading=HEADING)
         print(f"wrote the ASGI section of {args.write}")
     router.close()
     return 0

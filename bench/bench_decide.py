@@ -26,28 +26,22 @@ The exit status never depends on a timing: a case over its target is reported as
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
 import os
-import platform
-import random
-import shlex
 import statistics
 import sys
 import time
 import timeit
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import mmh3
 
+import benchlib
 import canary_router
 
-START_MARKER = "<!-- bench:decide:start -->"
-END_MARKER = "<!-- bench:decide:end -->"
+SECTION = "decide"
+"""The name in the markers of this script's section of docs/benchmarks.md."""
 
 N_IDS = 10_000
 """Distinct user ids each case cycles through in one pass."""
@@ -106,17 +100,6 @@ class _NoOp:
 
     def decide(self, name: str, context: object) -> None:
         """Do nothing, with decide's signature."""
-
-
-def make_ids(seed: int) -> list[str]:
-    """Return ``N_IDS`` distinct, realistic-looking user ids (varied length and content)."""
-    rng = random.Random(seed)
-    ids: set[str] = set()
-    while len(ids) < N_IDS:
-        ids.add(f"user-{rng.getrandbits(48):x}")
-    out = sorted(ids)
-    rng.shuffle(out)
-    return out
 
 
 def build(ids: Sequence[str]) -> tuple[dict[str, Any], list[Case]]:
@@ -268,19 +251,14 @@ def measure(namespace: dict[str, Any], cases: list[Case], args: argparse.Namespa
         for case in cases
     }
     calls = args.passes * N_IDS
-    order = list(cases)
-    rng = random.Random(args.seed)
-    for _ in range(args.warmup):
-        for case in order:
-            timers[case.key].timeit(args.passes)
-    for round_no in range(args.repeats):
-        rng.shuffle(order)
-        for case in order:
-            case.samples_ns.append(timers[case.key].timeit(args.passes) / calls)
-        if not args.quiet:
-            print(f"\r  round {round_no + 1}/{args.repeats}", end="", file=sys.stderr, flush=True)
-    if not args.quiet:
-        print(file=sys.stderr)
+    benchlib.run_rounds(
+        cases,
+        lambda case: timers[case.key].timeit(args.passes) / calls,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        seed=args.seed,
+        quiet=args.quiet,
+    )
 
 
 def summarize(cases: list[Case]) -> list[Result]:
@@ -289,8 +267,7 @@ def summarize(cases: list[Case]) -> list[Result]:
     base = statistics.median(by_key["e_mmh3"].samples_ns)
 
     def result(key: str, label: str, samples: list[float], target: float | None) -> Result:
-        median = statistics.median(samples)
-        q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) >= 2 else (median, median, median)
+        q1, median, q3 = benchlib.quartiles(samples)
         return Result(key, label, median / 1000, q1 / 1000, q3 / 1000, median / base, target, status(median, target))
 
     results = [result(c.key, c.label, c.samples_ns, c.target_us) for c in cases]
@@ -325,42 +302,18 @@ def summarize(cases: list[Case]) -> list[Result]:
 
 def status(median_ns: float, target_us: float | None) -> str:
     """Return "pass", "over target", or "—" when the row has no target."""
-    if target_us is None:
-        return "—"
-    return "pass" if median_ns <= target_us * 1000 else "over target"
-
-
-def fmt_us(value: float | None) -> str:
-    """Format microseconds with nanosecond resolution."""
-    return "—" if value is None else f"{value:.3f}"
+    return benchlib.verdict(median_ns, None if target_us is None else target_us * 1000)
 
 
 def spread(r: Result) -> str:
     """Format the interquartile range of a row."""
-    return "—" if r.p25_us is None or r.p75_us is None else f"{r.p25_us:.3f}–{r.p75_us:.3f}"
-
-
-def _version(distribution: str) -> str:
-    """Return the installed version of ``distribution``, or "unknown"."""
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    return benchlib.fmt_range(r.p25_us, r.p75_us)
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """Describe where and how the numbers were produced."""
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
     return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(terse=True),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "canary_router": canary_router.__version__,
-        "mmh3": _version("mmh3"),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
+        **benchlib.environment({"canary_router": canary_router.__version__, "mmh3": benchlib.version_of("mmh3")}),
         "nox_session": os.environ.get("NOX_CURRENT_SESSION"),
         "rounds": args.repeats,
         "warmup_rounds": args.warmup,
@@ -394,10 +347,7 @@ def print_table(results: list[Result], env: dict[str, Any]) -> None:
     """Print the results as a plain-text table."""
     width = max(len(r.label) for r in results)
     head = f"{'case':<{width}}  {'median µs':>9}  {'p25–p75 µs':>13}  {'× mmh3':>7}  {'target µs':>9}  result"
-    print(
-        f"canary_router {env['canary_router']} · {env['implementation']} {env['python']} · {env['platform']} · "
-        f"{env['cpus']} CPUs · mmh3 {env['mmh3']}"
-    )
+    print(f"canary_router {env['canary_router']} · {benchlib.platform_summary(env)} · mmh3 {env['mmh3']}")
     print(
         f"{env['rounds']} rounds × {env['calls_per_sample']} calls over {env['distinct_ids']} distinct ids, "
         f"{env['warmup_rounds']} warm-up rounds, gc {'on' if env['gc_enabled_while_timing'] else 'off'} while timing"
@@ -405,11 +355,9 @@ def print_table(results: list[Result], env: dict[str, Any]) -> None:
     print(head)
     print("-" * len(head))
     for r in results:
-        target = "—" if r.target_us is None else f"≤ {r.target_us:g}"
-        flag = "  <-- OVER TARGET" if r.status == "over target" else ""
         print(
-            f"{r.label:<{width}}  {fmt_us(r.median_us):>9}  {spread(r):>13}  {r.ratio_to_mmh3:>7.2f}  "
-            f"{target:>9}  {r.status}{flag}"
+            f"{r.label:<{width}}  {benchlib.fmt_us(r.median_us):>9}  {spread(r):>13}  {r.ratio_to_mmh3:>7.2f}  "
+            f"{benchlib.fmt_target(r.target_us):>9}  {r.status}{benchlib.over_flag(r.status)}"
         )
     print()
     print(cost_structure(results))
@@ -430,18 +378,14 @@ def markdown(results: list[Result], env: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        target = "—" if r.target_us is None else f"≤ {r.target_us:g}"
-        result = "**over target**" if r.status == "over target" else r.status
-        label = r.label.replace("|", "\\|")
-        lines.append(f"| {label} | {fmt_us(r.median_us)} | {spread(r)} | {r.ratio_to_mmh3:.2f} | {target} | {result} |")
-    lines += ["", cost_structure(results)]
+        cells = [benchlib.markdown_escape(r.label), benchlib.fmt_us(r.median_us), spread(r), f"{r.ratio_to_mmh3:.2f}"]
+        cells += [benchlib.fmt_target(r.target_us), benchlib.markdown_status(r.status)]
+        lines.append(benchlib.markdown_row(cells))
+    lines += ["", cost_structure(results), ""]
     via = f" (run by `nox -s {env['nox_session']}`)" if env["nox_session"] else ""
+    packages = f"canary_router {env['canary_router']}, mmh3 {env['mmh3']}"
+    lines += benchlib.environment_lines(env, packages, via)
     lines += [
-        "",
-        f"- Python: {env['implementation']} {env['python']} on {env['platform']} ({env['machine']}, "
-        f"{env['cpus']} CPUs); canary_router {env['canary_router']}, mmh3 {env['mmh3']}",
-        f"- Date: {env['date']}",
-        f"- Command: `{env['command']}`{via}",
         f"- Method: {env['rounds']} interleaved rounds after {env['warmup_rounds']} warm-up rounds; each sample is "
         f"{env['calls_per_sample']:,} calls over {env['distinct_ids']:,} distinct user ids; median of the rounds; "
         f"garbage collector {'enabled' if env['gc_enabled_while_timing'] else 'disabled (timeit default)'} "
@@ -454,29 +398,11 @@ def markdown(results: list[Result], env: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the benchmark markers in ``path`` with ``body`` (markers kept)."""
-    text = path.read_text(encoding="utf-8")
-    start = text.find(START_MARKER)
-    end = text.find(END_MARKER)
-    if start < 0 or end < 0 or end < start:
-        raise SystemExit(f"{path}: needs the markers {START_MARKER} and {END_MARKER}, in that order")
-    before = text[: start + len(START_MARKER)]
-    after = text[end:]
-    path.write_text(f"{before}\n{body}\n{after}", encoding="utf-8")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--write", type=Path, metavar="MARKDOWN", help="rewrite the marked section of this file")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="dump the results as JSON")
-    parser.add_argument("--repeats", type=int, default=31, help="timed rounds per case (default 31)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds (default 3)")
+    parser = benchlib.bench_parser(__doc__, repeats=31, warmup=3, per_case=True, json_option=True)
     parser.add_argument("--passes", type=int, default=3, help=f"passes over the {N_IDS} ids per sample (default 3)")
-    parser.add_argument("--gc", action="store_true", help="keep the garbage collector enabled while timing")
-    parser.add_argument("--seed", type=int, default=20240601, help="seed of the ids and of the round order")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    benchlib.add_common_options(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.passes < 1 or args.warmup < 0:
         parser.error("--repeats and --passes must be >= 1, --warmup >= 0")
@@ -486,11 +412,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; the exit status reflects errors only, never timings."""
     args = parse_args(argv)
-    namespace, cases = build(make_ids(args.seed))
-    problems = sanity_check(namespace)
-    if problems:
-        for problem in problems:
-            print(f"sanity check failed: {problem}", file=sys.stderr)
+    namespace, cases = build(benchlib.shuffled_user_ids(args.seed, N_IDS))
+    if benchlib.report_problems(sanity_check(namespace)):
         print("the cases do not exercise the paths they claim to; not timing them", file=sys.stderr)
         return 2
     measure(namespace, cases, args)
@@ -498,11 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(args)
     print_table(results, env)
     if args.write:
-        write_section(args.write, markdown(results, env))
+        benchlib.write_section(args.write, SECTION, markdown(results, env))
         print(f"wrote the results section of {args.write}")
     if args.json:
-        payload = {"environment": env, "results": [asdict(r) for r in results]}
-        args.json.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        benchlib.write_json(args.json, {"environment": env, "results": [asdict(r) for r in results]})
         print(f"wrote {args.json}")
     return 0
 

@@ -16,31 +16,32 @@ import argparse
 import math
 import platform
 import random
-import re
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
 import mmh3
 
+import benchlib
 from canary_router import GuardConfig, Router
 from canary_router.analysis import evaluate
 from canary_router.observe import Aggregator, StepSnapshot, VariantSnapshot, bucket_index
 
-START_MARKER = "<!-- bench:guard:start -->"
-END_MARKER = "<!-- bench:guard:end -->"
+SECTION = "guard"
+"""The name in the markers of this script's section of docs/benchmarks.md."""
+HEADING = "## The guard"
+"""The heading put above the markers when the file has none."""
 
 
-def per_call_ns(fn: object, args_list: list[tuple[object, ...]], rounds: int) -> float:
+def per_call_ns(call: Callable[..., object], args_list: Sequence[tuple[object, ...]], rounds: int) -> float:
     """Median of single-call timings (ns), timer overhead included."""
-    call = fn  # type: ignore[assignment]
     samples = []
     clock = time.perf_counter_ns
     for _ in range(rounds):
         for args in args_list:
             t0 = clock()
-            call(*args)  # type: ignore[operator]
+            call(*args)
             samples.append(clock() - t0)
     return statistics.median(samples)
 
@@ -55,14 +56,13 @@ def timer_overhead_ns(rounds: int) -> float:
     return statistics.median(samples)
 
 
-def batch_ns(fn: object, args_list: list[tuple[object, ...]], rounds: int) -> float:
+def batch_ns(call: Callable[..., object], args_list: Sequence[tuple[object, ...]], rounds: int) -> float:
     """Median over rounds of the mean time per call of a whole batch (ns)."""
-    call = fn  # type: ignore[assignment]
     results = []
     for _ in range(rounds):
         t0 = time.perf_counter_ns()
         for args in args_list:
-            call(*args)  # type: ignore[operator]
+            call(*args)
         results.append((time.perf_counter_ns() - t0) / len(args_list))
     return statistics.median(results)
 
@@ -83,7 +83,7 @@ def main() -> int:
     """Run the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--write", type=Path)
+    benchlib.add_write_option(parser)
     args = parser.parse_args()
     rng = random.Random(5)
     ids = [f"user-{rng.getrandbits(40):010x}" for _ in range(10_000)]
@@ -155,12 +155,7 @@ def main() -> int:
         for label, ns, target in rows:
             goal = "—" if target is None else f"≤ {target / 1000:g} µs ({'met' if ns <= target else 'missed'})"
             lines.append(f"| {label} | {ns / 1000:.3f} µs | {ns / mmh3_ns:.1f} | {goal} |")
-        text = args.write.read_text(encoding="utf-8")
-        if START_MARKER not in text:
-            text += f"\n## The guard\n\n{START_MARKER}\n{END_MARKER}\n"
-        pattern = re.compile(re.escape(START_MARKER) + ".*?" + re.escape(END_MARKER), re.S)
-        body = "\n".join(lines)
-        args.write.write_text(pattern.sub(lambda _: f"{START_MARKER}\n{body}\n{END_MARKER}", text), encoding="utf-8")
+        benchlib.write_section(args.write, SECTION, "\n".join(lines), heading=HEADING)
     return 0
 
 

@@ -26,12 +26,7 @@ The exit status never depends on a timing: a case over its target is reported as
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import platform
-import random
-import shlex
 import statistics
 import subprocess
 import sys
@@ -39,16 +34,15 @@ import time
 import timeit
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
 
+import benchlib
 import canary_router
 
-START_MARKER = "<!-- bench:telemetry:start -->"
-END_MARKER = "<!-- bench:telemetry:end -->"
+SECTION = "telemetry"
+"""The name in the markers of this script's section of docs/benchmarks.md."""
 
 SECTION_INTRO = """## Telemetry
 
@@ -88,17 +82,6 @@ class Case:
     target_us: float | None = None
     """Target for the difference from ``baseline``."""
     samples_ns: list[float] = field(default_factory=list)
-
-
-def make_ids(seed: int) -> list[str]:
-    """Return ``N_IDS`` distinct, realistic-looking user ids."""
-    rng = random.Random(seed)
-    ids: set[str] = set()
-    while len(ids) < N_IDS:
-        ids.add(f"user-{rng.getrandbits(48):x}")
-    out = sorted(ids)
-    rng.shuffle(out)
-    return out
 
 
 def _impl(x: str) -> str:
@@ -298,19 +281,15 @@ def measure(namespace: dict[str, Any], cases: list[Case], args: argparse.Namespa
     timers = {
         case.key: timeit.Timer(case.stmt, case.setup, timer=time.perf_counter_ns, globals=namespace) for case in cases
     }
-    order = list(cases)
-    rng = random.Random(args.seed)
-    for _ in range(args.warmup):
-        for case in order:
-            timers[case.key].timeit(1)
-    for round_no in range(args.repeats):
-        rng.shuffle(order)
-        for case in order:
-            case.samples_ns.append(timers[case.key].timeit(1) / N_IDS)
-        if not args.quiet:
-            print(f"\r  {args.mode}: round {round_no + 1}/{args.repeats}", end="", file=sys.stderr, flush=True)
-    if not args.quiet:
-        print(file=sys.stderr)
+    benchlib.run_rounds(
+        cases,
+        lambda case: timers[case.key].timeit(1) / N_IDS,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        seed=args.seed,
+        quiet=args.quiet,
+        label=args.mode,
+    )
 
 
 def summarize(cases: list[Case], process: str) -> list[dict[str, Any]]:
@@ -319,10 +298,8 @@ def summarize(cases: list[Case], process: str) -> list[dict[str, Any]]:
     bare = medians["decide_bare"]
     rows = []
     for case in cases:
-        median = medians[case.key]
-        q1, _, q3 = statistics.quantiles(case.samples_ns, n=4) if len(case.samples_ns) >= 2 else (median,) * 3
+        q1, median, q3 = benchlib.quartiles(case.samples_ns)
         above = None if case.baseline is None else (median - medians[case.baseline]) / 1000
-        state = "—" if case.target_us is None or above is None else "pass" if above <= case.target_us else "over target"
         rows.append(
             {
                 "process": process,
@@ -335,32 +312,21 @@ def summarize(cases: list[Case], process: str) -> list[dict[str, Any]]:
                 "baseline": case.baseline,
                 "above_baseline_us": above,
                 "target_us": case.target_us,
-                "status": state,
+                "status": benchlib.verdict(above, case.target_us),
             }
         )
     return rows
 
 
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """Describe where and how the numbers were produced."""
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(terse=True),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
+    versions = {
         "canary_router": canary_router.__version__,
-        "opentelemetry_api": _version("opentelemetry-api"),
-        "opentelemetry_sdk": _version("opentelemetry-sdk"),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "opentelemetry_api": benchlib.version_of("opentelemetry-api", "not installed"),
+        "opentelemetry_sdk": benchlib.version_of("opentelemetry-sdk", "not installed"),
+    }
+    return {
+        **benchlib.environment(versions),
         "rounds": args.repeats,
         "warmup_rounds": args.warmup,
         "calls_per_sample": N_IDS,
@@ -392,25 +358,19 @@ def run_child(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def fmt(value: float | None, digits: int = 3) -> str:
-    """Format a number of microseconds, or "—"."""
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """The printed and written table: one list of cells per row."""
     out = []
     for r in rows:
-        target = "—" if r["target_us"] is None else f"≤ {r['target_us']:g} above"
         out.append(
             [
                 "no SDK" if r["process"] == "no-sdk" else "SDK",
                 r["label"],
-                fmt(r["median_us"]),
-                f"{r['p25_us']:.3f}–{r['p75_us']:.3f}",
+                benchlib.fmt_us(r["median_us"]),
+                benchlib.fmt_range(r["p25_us"], r["p75_us"]),
                 f"{r['ratio_to_bare_decide']:.2f}",
-                "—" if r["above_baseline_us"] is None else f"{r['above_baseline_us']:+.3f}",
-                target,
+                benchlib.DASH if r["above_baseline_us"] is None else f"{r['above_baseline_us']:+.3f}",
+                benchlib.fmt_target(r["target_us"], " above"),
                 r["status"],
             ]
         )
@@ -447,8 +407,8 @@ def notes() -> list[str]:
 def print_table(rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
     """Print the results as a plain-text table."""
     print(
-        f"canary_router {env['canary_router']} · {env['implementation']} {env['python']} · {env['platform']} · "
-        f"{env['cpus']} CPUs · opentelemetry-api {env['opentelemetry_api']}, -sdk {env['opentelemetry_sdk']}"
+        f"canary_router {env['canary_router']} · {benchlib.platform_summary(env)} · "
+        f"opentelemetry-api {env['opentelemetry_api']}, -sdk {env['opentelemetry_sdk']}"
     )
     print(f"{env['rounds']} rounds × {env['calls_per_sample']} calls, {env['warmup_rounds']} warm-up rounds")
     cells = table_rows(rows)
@@ -457,8 +417,7 @@ def print_table(rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
     print(line)
     print("-" * len(line))
     for c in cells:
-        flag = "  <-- OVER TARGET" if c[-1] == "over target" else ""
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)) + flag)
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)) + benchlib.over_flag(c[-1]))
     print()
     for note in notes():
         print(f"- {note}")
@@ -466,18 +425,18 @@ def print_table(rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     """Render the results as the Markdown that goes between the markers."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|---|---|---:|---:|---:|---:|---|---|"]
+    lines = [benchlib.markdown_row(HEADERS), "|---|---|---:|---:|---:|---:|---|---|"]
     for c in table_rows(rows):
-        c[-1] = "**over target**" if c[-1] == "over target" else c[-1]
-        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in c) + " |")
+        c[-1] = benchlib.markdown_status(c[-1])
+        lines.append(benchlib.markdown_row(benchlib.markdown_escape(v) for v in c))
     lines.append("")
     lines += [f"- {note}" for note in notes()]
+    packages = (
+        f"canary_router {env['canary_router']}, opentelemetry-api {env['opentelemetry_api']}, "
+        f"opentelemetry-sdk {env['opentelemetry_sdk']}"
+    )
+    lines += benchlib.environment_lines(env, packages)
     lines += [
-        f"- Python: {env['implementation']} {env['python']} on {env['platform']} ({env['machine']}, {env['cpus']} "
-        f"CPUs); canary_router {env['canary_router']}, opentelemetry-api {env['opentelemetry_api']}, "
-        f"opentelemetry-sdk {env['opentelemetry_sdk']}",
-        f"- Date: {env['date']}",
-        f"- Command: `{env['command']}`",
         f"- Method: {env['rounds']} interleaved rounds after {env['warmup_rounds']} warm-up rounds in each process; "
         f"each sample is {env['calls_per_sample']:,} calls over as many distinct user ids; median of the rounds; "
         "garbage collector disabled while timing (timeit default).",
@@ -485,29 +444,10 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the markers in ``path`` (append a Telemetry section with them if missing)."""
-    text = path.read_text(encoding="utf-8")
-    start = text.find(START_MARKER)
-    end = text.find(END_MARKER)
-    if start < 0 and end < 0:
-        text = f"{text.rstrip()}\n\n{SECTION_INTRO}\n{START_MARKER}\n{END_MARKER}\n"
-        start = text.find(START_MARKER)
-        end = text.find(END_MARKER)
-    if start < 0 or end < 0 or end < start:
-        raise SystemExit(f"{path}: needs the markers {START_MARKER} and {END_MARKER}, in that order")
-    path.write_text(f"{text[: start + len(START_MARKER)]}\n{body}\n{text[end:]}", encoding="utf-8")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--write", type=Path, metavar="MARKDOWN", help="rewrite the marked section of this file")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="dump the results as JSON")
-    parser.add_argument("--repeats", type=int, default=21, help="timed rounds per case (default 21)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds (default 2)")
-    parser.add_argument("--seed", type=int, default=20240601, help="seed of the ids and of the round order")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser = benchlib.bench_parser(__doc__, repeats=21, warmup=2, per_case=True, json_option=True)
+    benchlib.add_common_options(parser, gc_option=False)
     parser.add_argument("--mode", choices=("all", "no-sdk"), default="all", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 2 or args.warmup < 0:
@@ -518,7 +458,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; the exit status reflects errors only, never timings."""
     args = parse_args(argv)
-    namespace = routers_namespace(make_ids(args.seed))
+    namespace = routers_namespace(benchlib.shuffled_user_ids(args.seed, N_IDS))
     if args.mode == "no-sdk":
         if "opentelemetry.sdk" in sys.modules:
             raise SystemExit("the no-SDK process imported opentelemetry.sdk")
@@ -528,10 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     child_rows = run_child(args)
     install_sdk(namespace)
-    problems = sdk_sanity(namespace)
-    if problems:
-        for problem in problems:
-            print(f"sanity check failed: {problem}", file=sys.stderr)
+    if benchlib.report_problems(sdk_sanity(namespace)):
         return 2
     cases = sdk_cases()
     measure(namespace, cases, args)
@@ -539,10 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(args)
     print_table(rows, env)
     if args.write:
-        write_section(args.write, markdown(rows, env))
+        benchlib.write_section(args.write, SECTION, markdown(rows, env), heading=SECTION_INTRO)
         print(f"\nwrote the telemetry section of {args.write}")
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n", encoding="utf-8")
+        benchlib.write_json(args.json, {"environment": env, "results": rows})
         print(f"wrote {args.json}")
     return 0
 

@@ -30,31 +30,27 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import io
-import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import copy_context
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
+import benchlib
 import canary_router
 from canary_router.web import parse_cookies
 from canary_router.wsgi import CanaryMiddleware, StartResponse, WSGIApp, WSGIEnvironment
 
-START_MARKER = "<!-- bench:wsgi:start -->"
-END_MARKER = "<!-- bench:wsgi:end -->"
+SECTION = "wsgi"
+"""The name in the markers of this script's section of docs/benchmarks.md."""
 HEADING = "## WSGI middleware"
+"""The heading put above the markers when the file has none."""
 
 N_IDS = 10_000
 SECRET = "bench-secret-0123456789abcdef"  # noqa: S105  # a throwaway signing key for the benchmark
@@ -93,9 +89,7 @@ class Row:
     @property
     def status(self) -> str:
         """Return "pass", "over target", or "—" when the row has no target."""
-        if self.target_us is None:
-            return "—"
-        return "pass" if self.median_us <= self.target_us else "over target"
+        return benchlib.verdict(self.median_us, self.target_us)
 
 
 def drop(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
@@ -134,9 +128,7 @@ def minimal_environ() -> WSGIEnvironment:
 def make_ids(seed: int) -> tuple[list[str], list[str]]:
     """``N_IDS`` distinct user ids and as many visitor ids (32 hex digits, the visitor cookie's shape)."""
     rng = random.Random(seed)
-    users: set[str] = set()
-    while len(users) < N_IDS:
-        users.add(f"user-{rng.getrandbits(48):x}")
+    users = benchlib.distinct_user_ids(rng, N_IDS)
     visitors = [f"{rng.getrandbits(128):032x}" for _ in range(N_IDS)]
     out = sorted(users)
     rng.shuffle(out)
@@ -347,26 +339,21 @@ def sanity_check(namespace: dict[str, Any]) -> list[str]:
 
 def measure(cases: list[Case], args: argparse.Namespace) -> None:
     """Warm up, then run every case once per round in a shuffled order, ``args.repeats`` rounds."""
-    order = list(cases)
-    rng = random.Random(args.seed)
     enabled = gc.isenabled()
     if not args.gc:
         gc.disable()
     try:
-        for _ in range(args.warmup):
-            for case in order:
-                case.run()
-        for round_no in range(args.repeats):
-            rng.shuffle(order)
-            for case in order:
-                case.samples_ns.append(case.run() / case.calls)
-            if not args.quiet:
-                print(f"\r  round {round_no + 1}/{args.repeats}", end="", file=sys.stderr, flush=True)
+        benchlib.run_rounds(
+            cases,
+            lambda case: case.run() / case.calls,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            seed=args.seed,
+            quiet=args.quiet,
+        )
     finally:
         if enabled:
             gc.enable()
-    if not args.quiet:
-        print(file=sys.stderr)
 
 
 def summarize(cases: list[Case]) -> tuple[list[Row], list[Row], list[Row]]:
@@ -377,9 +364,8 @@ def summarize(cases: list[Case]) -> tuple[list[Row], list[Row], list[Row]]:
         return statistics.median(by_key[key].samples_ns) / 1000
 
     def row(case: Case) -> Row:
-        samples = case.samples_ns
-        q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) >= 2 else (samples[0],) * 3
-        return Row(case.label, statistics.median(samples) / 1000, q1 / 1000, q3 / 1000)
+        q1, median, q3 = benchlib.quartiles(case.samples_ns)
+        return Row(case.label, median / 1000, q1 / 1000, q3 / 1000)
 
     measured = [row(c) for c in cases if not c.key.startswith("p_")]
     pieces = [row(c) for c in cases if c.key.startswith("p_")]
@@ -426,27 +412,15 @@ def cost_structure(cases: list[Case]) -> str:
     )
 
 
-def _version(distribution: str) -> str:
-    """Return the installed version of ``distribution``, or "unknown"."""
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def environment(args: argparse.Namespace, calls: int) -> dict[str, Any]:
     """Describe where and how the numbers were produced."""
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(terse=True),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
+    versions = {
         "canary_router": canary_router.__version__,
-        "flask": _version("flask"),
-        "werkzeug": _version("werkzeug"),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "flask": benchlib.version_of("flask"),
+        "werkzeug": benchlib.version_of("werkzeug"),
+    }
+    return {
+        **benchlib.environment(versions),
         "rounds": args.repeats,
         "warmup_rounds": args.warmup,
         "calls": calls,
@@ -455,29 +429,25 @@ def environment(args: argparse.Namespace, calls: int) -> dict[str, Any]:
 
 
 def fmt(value: float | None) -> str:
-    """Format microseconds."""
-    return "—" if value is None else f"{value:.2f}"
+    """Format microseconds (two decimals)."""
+    return benchlib.fmt_us(value, digits=2)
 
 
 def spread(row: Row) -> str:
     """Format the interquartile range of a row."""
-    return "—" if row.p25_us is None or row.p75_us is None else f"{row.p25_us:.2f}–{row.p75_us:.2f}"
+    return benchlib.fmt_range(row.p25_us, row.p75_us, digits=2)
 
 
 def print_table(tables: tuple[list[Row], list[Row], list[Row]], note: str, env: dict[str, Any]) -> None:
     """Print the results as plain text."""
     measured, overheads, pieces = tables
-    print(
-        f"canary_router {env['canary_router']} · Flask {env['flask']} · {env['implementation']} {env['python']} · "
-        f"{env['platform']} · {env['cpus']} CPUs"
-    )
+    print(f"canary_router {env['canary_router']} · Flask {env['flask']} · {benchlib.platform_summary(env)}")
     print(f"{env['rounds']} interleaved rounds × {env['calls']} requests, {env['warmup_rounds']} warm-up rounds")
     width = max(len(r.label) for r in (*measured, *overheads, *pieces))
     for title, rows in (("per request", measured), ("overhead", overheads), ("pieces, per call", pieces)):
         print(f"\n{title:<{width}}  {'median µs':>9}  {'p25–p75 µs':>13}  {'target':>7}  result")
         for r in rows:
-            target = "—" if r.target_us is None else f"≤ {r.target_us:g}"
-            flag = "  <-- OVER TARGET" if r.status == "over target" else ""
+            target, flag = benchlib.fmt_target(r.target_us), benchlib.over_flag(r.status)
             print(
                 f"{r.label.strip('*'):<{width}}  {fmt(r.median_us):>9}  {spread(r):>13}  {target:>7}  {r.status}{flag}"
             )
@@ -490,17 +460,12 @@ def markdown(tables: tuple[list[Row], list[Row], list[Row]], note: str, env: dic
     measured, overheads, pieces = tables
     lines = ["| Case | Median (µs) | p25–p75 (µs) | Target (µs) | Result |", "|---|---:|---:|---:|---|"]
     for r in (*measured, *overheads, *pieces):
-        target = "—" if r.target_us is None else f"≤ {r.target_us:g}"
-        result = "**over target**" if r.status == "over target" else r.status
-        lines.append(f"| {r.label} | {fmt(r.median_us)} | {spread(r)} | {target} | {result} |")
+        target, result = benchlib.fmt_target(r.target_us), benchlib.markdown_status(r.status)
+        lines.append(benchlib.markdown_row([r.label, fmt(r.median_us), spread(r), target, result]))
+    lines += ["", note, ""]
+    packages = f"canary_router {env['canary_router']}, Flask {env['flask']}, Werkzeug {env['werkzeug']}"
+    lines += benchlib.environment_lines(env, packages)
     lines += [
-        "",
-        note,
-        "",
-        f"- Python: {env['implementation']} {env['python']} on {env['platform']} ({env['machine']}, "
-        f"{env['cpus']} CPUs); canary_router {env['canary_router']}, Flask {env['flask']}, Werkzeug {env['werkzeug']}",
-        f"- Date: {env['date']}",
-        f"- Command: `{env['command']}`",
         f"- Method: in process, no server; {env['rounds']} interleaved rounds after {env['warmup_rounds']} warm-up "
         f"rounds, {env['calls']:,} requests per sample over {N_IDS:,} distinct user ids; median of the rounds; "
         f"garbage collector {'enabled' if env['gc'] else 'disabled'} while timing. Every request includes copying "
@@ -509,29 +474,11 @@ def markdown(tables: tuple[list[Row], list[Row], list[Row]], note: str, env: dic
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the markers in ``path`` with ``body``; append a section with them when missing."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    start = text.find(START_MARKER)
-    end = text.find(END_MARKER)
-    if start < 0 and end < 0:
-        text = f"{text.rstrip()}\n\n{HEADING}\n\n{START_MARKER}\n{END_MARKER}\n".lstrip()
-        start, end = text.find(START_MARKER), text.find(END_MARKER)
-    elif start < 0 or end < start:
-        raise SystemExit(f"{path}: needs both {START_MARKER} and {END_MARKER}, in that order")
-    path.write_text(f"{text[: start + len(START_MARKER)]}\n{body}\n{text[end:]}", encoding="utf-8")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--write", type=Path, metavar="MARKDOWN", help="rewrite the marked section of this file")
-    parser.add_argument("--repeats", type=int, default=21, help="timed rounds (default 21)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds (default 2)")
+    parser = benchlib.bench_parser(__doc__, repeats=21, warmup=2)
     parser.add_argument("--calls", type=int, default=2000, help="requests per sample (default 2000)")
-    parser.add_argument("--gc", action="store_true", help="keep the garbage collector enabled while timing")
-    parser.add_argument("--seed", type=int, default=20240601, help="seed of the ids and of the round order")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    benchlib.add_common_options(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.calls < 1 or args.warmup < 0:
         parser.error("--repeats and --calls must be >= 1, --warmup >= 0")
@@ -543,10 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     users, visitors = make_ids(args.seed)
     namespace, cases = build(users, visitors, args.calls)
-    problems = sanity_check(namespace)
-    if problems:
-        for problem in problems:
-            print(f"sanity check failed: {problem}", file=sys.stderr)
+    if benchlib.report_problems(sanity_check(namespace)):
         return 2
     measure(cases, args)
     tables = summarize(cases)
@@ -554,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(args, args.calls)
     print_table(tables, note, env)
     if args.write:
-        write_section(args.write, markdown(tables, note, env))
+        benchlib.write_section(args.write, SECTION, markdown(tables, note, env), heading=HEADING)
         print(f"wrote the WSGI section of {args.write}")
     return 0
 
