@@ -866,3 +866,19 @@ def test_no_predicate_ever_raises(value: Any, now: float) -> None:
     current = compile_("DATE_AFTER", (T0_ISO,), attribute="current_time")
     assert type(current({}, fixed(now))) is bool
     assert type(current({"current_time": value}, fixed(now))) is bool
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    values=st.lists(st.one_of(st.text(max_size=5), st.integers(-3, 3), st.booleans()), min_size=1, max_size=4),
+    attribute=st.one_of(st.text(max_size=5), st.sampled_from(["true", "false", "1", "-2", "True"])),
+    operator=st.sampled_from(["IN", "NOT_IN"]),
+    inverted=st.booleans(),
+)
+def test_in_fast_path_agrees_with_the_general_path(
+    values: list[object], attribute: str, operator: str, inverted: bool
+) -> None:
+    """IN / NOT_IN on a string attribute (the fast path) answers like the same check on a one-element list."""
+    predicate = compile_condition(Condition("a", operator, tuple(values), inverted))
+    # a one-element list takes the general path; for IN / NOT_IN it must give the same answer
+    assert predicate({"a": attribute}, lambda: 0.0) == predicate({"a": [attribute]}, lambda: 0.0)

@@ -405,4 +405,19 @@ def compile_condition(cond: Condition) -> Predicate:
             return False
         return (result != negate) != inverted
 
+    if cond.operator in ("IN", "NOT_IN") and not cond.case_insensitive and not is_time:
+        # fast path for the common case (a string attribute against a list): one set lookup
+        members = frozenset(_text(v) for v in cond.values)  # literals normalised as the general path does
+        flip = negate != inverted
+
+        def in_predicate(attributes: Mapping[str, Any], now: Callable[[], float]) -> bool:
+            try:
+                value = attributes.get(attribute)
+            except Exception:  # pragma: no cover - a hostile mapping
+                return False
+            if type(value) is str:
+                return (value in members) != flip
+            return predicate(attributes, now)
+
+        return in_predicate
     return predicate
