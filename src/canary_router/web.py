@@ -34,7 +34,7 @@ __all__ = ["RequestInfo", "Resolution", "WebOptions", "WebResolver", "parse_cook
 
 _log = logging.getLogger("canary_router")
 
-_VISITOR_ID = re.compile(r"^[0-9a-f]{32}$")
+_HEX_DIGITS = "0123456789abcdef"  # a visitor id is 32 of these
 _MAX_COOKIE_HEADER = 8192
 _MAX_HEADER = 4096
 _MAX_ATTRIBUTE = 512
@@ -206,17 +206,24 @@ class Resolution:
 
 
 def parse_cookies(header: str | None, wanted: Iterable[str]) -> dict[str, str]:
-    """Extract the ``wanted`` cookies from a ``Cookie`` header; malformed pairs are skipped, never raised."""
+    """Extract the ``wanted`` cookies from a ``Cookie`` header; malformed pairs are skipped, never raised.
+
+    Looks each wanted name up directly (the header may hold dozens of other cookies), taking the first
+    occurrence at a pair boundary, as browsers send the most specific cookie first.
+    """
     if not header or len(header) > _MAX_COOKIE_HEADER:
         return {}
-    names = wanted if isinstance(wanted, (frozenset, set)) else set(wanted)
     found: dict[str, str] = {}
-    for part in header.split(";", 200)[:200]:
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in names or name in found:
+    for name in wanted:
+        key = name + "="
+        at = header.find(key)
+        while at > 0 and header[at - 1] not in "; ":  # "xcanary_vid=" is another cookie: look further
+            at = header.find(key, at + 1)
+        if at < 0:
             continue
-        value = value.strip()
+        start = at + len(key)
+        end = header.find(";", start)
+        value = (header[start:] if end < 0 else header[start:end]).strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
         if len(value) <= _MAX_HEADER and value.isprintable():
@@ -373,7 +380,7 @@ class WebResolver:
 
         if opts.visitor_cookie:
             visitor = cookies.get(opts.visitor_cookie)
-            if visitor is None or not _VISITOR_ID.match(visitor):
+            if visitor is None or len(visitor) != 32 or visitor.strip(_HEX_DIGITS):
                 if visitor is not None:
                     self._count("malformed_input")
                 visitor = secrets.token_hex(16)
