@@ -40,6 +40,7 @@ from opentelemetry import trace
 
 import benchlib
 import canary_router
+from canary_router import telemetry
 
 SECTION = "telemetry"
 """The name in the markers of this script's section of docs/benchmarks.md."""
@@ -193,6 +194,18 @@ def sdk_cases() -> list[Case]:
             "call_bare",
         ),
         Case(
+            "ref_current_span",
+            "reference: trace.get_current_span().is_recording(), in a recording span",
+            _IN_SPAN + "    for c in ctxs:\n        current().is_recording()",
+            "ctxs = CTXS; current = trace.get_current_span" + span_setup,
+        ),
+        Case(
+            "ref_span_key",
+            "reference: the current span read by its context key (what decide does), .is_recording()",
+            _IN_SPAN + "    for c in ctxs:\n        get_current().get(SPAN_KEY).is_recording()",
+            "ctxs = CTXS; get_current = otel_context.get_current" + span_setup,
+        ),
+        Case(
             "ref_event",
             "reference: SDK span.add_event (the same 5 attributes)",
             _IN_SPAN + "    for c in ctxs:\n        add_event('feature_flag.evaluation', EVENT_ATTRS)",
@@ -215,6 +228,7 @@ def sdk_cases() -> list[Case]:
 
 def install_sdk(namespace: dict[str, Any]) -> None:
     """Make the SDK the global tracer and meter provider, and add its pieces to ``namespace``."""
+    from opentelemetry import context as otel_context
     from opentelemetry import metrics, trace
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -233,6 +247,8 @@ def install_sdk(namespace: dict[str, Any]) -> None:
     namespace.update(
         tracer=trace.get_tracer("bench"),
         use_span=trace.use_span,
+        otel_context=otel_context,
+        SPAN_KEY=telemetry._SPAN_KEY,
         exporter=exporter,
         reader=reader,
         REF_COUNTER=reference.create_counter("bench.reference.decisions", unit="{decision}"),
@@ -398,6 +414,10 @@ def notes() -> list[str]:
         "that check is the `Telemetry._span_start` reference row; asking the current span "
         "(`is_recording()`) or entering a no-op `start_as_current_span` costs more (their rows) and "
         "cannot give a recorded child anyway, since canary_router's tracer is a no-op until a provider is set.",
+        "Inside a recording span almost all of a decision's cost is the SDK's own span.add_event (reference row): "
+        "it copies and validates the attributes into a new event. canary_router passes its cached attribute dict "
+        "as it is and reads the current span from the OpenTelemetry context by the trace API's key, which costs "
+        "less than trace.get_current_span() (the two reference rows).",
         "Decisions are counted in memory per series and reported by an asynchronous counter at collection time, "
         "because the SDK's synchronous Counter.add (reference row) would cost more than the whole budget "
         "on every decision; the duration histogram stays synchronous (exemplars link it to traces).",

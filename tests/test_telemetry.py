@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk._logs import LoggerProvider
@@ -22,9 +23,15 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
-from canary_router import Context, Router
+from canary_router import Context, Router, telemetry
+from canary_router.asgi import ASGIApp, CanaryMiddleware, Receive, Scope, Send
 from canary_router.telemetry import DURATION_BUCKETS, Telemetry
+from canary_router.testing import RecordingObserver
 
 try:
     from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
@@ -32,7 +39,13 @@ except ImportError:  # pragma: no cover - SDKs before the rename
     from opentelemetry.sdk._logs.export import InMemoryLogExporter as InMemoryLogRecordExporter  # type: ignore
 
 LEGACY = ("feature_flag.variant", "feature_flag.provider_name", "feature_flag.evaluation.reason")
-METRIC_KEYS = {"feature_flag.key", "feature_flag.result.variant", "feature_flag.result.reason", "error.type"}
+METRIC_KEYS = {
+    "feature_flag.key",
+    "feature_flag.result.variant",
+    "feature_flag.result.reason",
+    "error.type",
+    "canary_router.shadow",
+}
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 
 CONFIG: dict[str, Any] = {
@@ -47,6 +60,7 @@ CONFIG: dict[str, Any] = {
             ],
         },
         "search": {"steps": [50, 100]},
+        "dark": {"steps": [50, 100], "shadow": True},
     }
 }
 
@@ -133,6 +147,49 @@ def user_with(router: Router, name: str, variant: str) -> str:
         if decision.variant == variant and decision.reason == "split":
             return user
     raise AssertionError(f"no user gets {variant!r}")  # pragma: no cover
+
+
+def user_for(name: str, variant: str, reason: str = "split") -> str:
+    """A user id that rollout ``name`` decides ``variant`` with ``reason`` for (found without any telemetry)."""
+    probe = Router.from_config(CONFIG, telemetry=None)
+    for i in range(1000):
+        user = f"user-{i}"
+        decision = probe.decide(name, {"user_id": user})
+        if decision.variant == variant and decision.reason == reason:
+            return user
+    raise AssertionError(f"no user gets {variant!r} / {reason!r}")  # pragma: no cover
+
+
+def durations(otel: Otel) -> dict[tuple[str, str, str | None, bool], int]:
+    """Duration histogram counts by (rollout, variant, error.type, canary_router.shadow)."""
+    counts = {}
+    for key, point in otel.points("canary_router.invocation.duration").items():
+        attributes = dict(key)
+        assert set(attributes) <= {
+            "feature_flag.key",
+            "feature_flag.result.variant",
+            "error.type",
+            "canary_router.shadow",
+        }
+        assert attributes.get("canary_router.shadow", True) is True  # present only on shadow runs, and then true
+        shadow = attributes.get("canary_router.shadow", False)
+        counts[
+            (
+                attributes["feature_flag.key"],
+                attributes["feature_flag.result.variant"],
+                attributes.get("error.type"),
+                shadow,
+            )
+        ] = point.count
+    return counts
+
+
+def decisions(otel: Otel) -> dict[tuple[str, str, str], int]:
+    """Decision counts by (rollout, variant, reason)."""
+    return {
+        (a["feature_flag.key"], a["feature_flag.result.variant"], a["feature_flag.result.reason"]): point.value
+        for a, point in ((dict(k), p) for k, p in otel.points("canary_router.decisions").items())
+    }
 
 
 def evaluation_events(span: ReadableSpan) -> list[dict[str, Any]]:
@@ -650,6 +707,310 @@ def test_async_shadow_run_is_a_sibling_span_under_the_request(otel: Otel) -> Non
     assert all(s.parent is not None and s.parent.span_id == request.context.span_id for s in spans)
 
 
+# ---------------------------------------------------------------------------------------------- shadow runs, fallback
+
+
+def _shadowed_pair(router: Router, name: str, mode: str) -> Any:
+    """A sync decorated function of rollout ``name``: old returns "old", new returns "new"."""
+
+    def old() -> str:
+        return "old"
+
+    @router.canary(name, old=old, mode=mode)
+    def new() -> str:
+        return "new"
+
+    return new
+
+
+def _assert_shadow_telemetry(otel: Otel, router: Router, name: str) -> None:
+    """One shadowed call then one plain "old" call were made in span "request": what each signal must say."""
+    (request,) = otel.finished("request")
+    shadowed, plain = evaluation_events(request)
+    assert shadowed == {
+        "feature_flag.key": name,
+        "feature_flag.result.variant": "old",  # what was served
+        "feature_flag.result.reason": "shadow",  # not "split": shadowed calls stay apart from the split's "old" ones
+        "feature_flag.provider.name": "canary_router",
+        "feature_flag.version": str(router.status(name).version),
+    }
+    assert (plain["feature_flag.result.variant"], plain["feature_flag.result.reason"]) == ("old", "split")
+    assert decisions(otel) == {(name, "old", "shadow"): 1, (name, "old", "split"): 1}
+    # served calls and the shadow run of the new version are separate series of the histogram
+    assert durations(otel) == {(name, "old", None, False): 2, (name, "new", None, True): 1}
+    spans = otel.finished(f"canary_router.invoke {name}")
+    assert sorted(
+        ((s.attributes or {})["feature_flag.result.variant"], "canary_router.shadow" in (s.attributes or {}))
+        for s in spans
+    ) == [
+        ("new", True),
+        ("old", False),
+        ("old", False),
+    ]
+
+
+def test_sync_shadow_mode_reports_the_served_variant_and_marks_the_shadow_run(otel: Otel) -> None:
+    """mode="shadow": the event and counter say "old"/shadow; the shadow run's histogram point has shadow=true."""
+    router = otel.router()
+    new = _shadowed_pair(router, "search", "shadow")
+    with otel.tracer.start_as_current_span("request"):
+        for user in (user_for("search", "new"), user_for("search", "old")):
+            with router.context(user_id=user):
+                assert new() == "old"
+    router.shadow_pool.shutdown(wait=True)
+    _assert_shadow_telemetry(otel, router, "search")
+
+
+def test_async_shadow_mode_reports_the_served_variant_and_marks_the_shadow_run(otel: Otel) -> None:
+    """The same in async code, where the shadow run is a background task."""
+    router = otel.router()
+
+    async def old() -> str:
+        return "old"
+
+    @router.canary("search", old=old, mode="shadow")
+    async def new() -> str:
+        return "new"
+
+    async def handler() -> None:
+        with otel.tracer.start_as_current_span("request"):
+            for user in (user_for("search", "new"), user_for("search", "old")):
+                with router.context(user_id=user):
+                    assert await new() == "old"
+        for _ in range(500):
+            if len(otel.finished("canary_router.invoke search")) == 3:
+                break
+            await asyncio.sleep(0.002)
+
+    asyncio.run(handler())
+    _assert_shadow_telemetry(otel, router, "search")
+
+
+def test_shadow_step_of_a_rollout_reports_reason_shadow(otel: Otel) -> None:
+    """In a rollout's shadow step, decide and the route-mode decorator report "old"/shadow, and mark the shadow run."""
+    router = otel.router()
+    new = _shadowed_pair(router, "dark", "route")
+    with otel.tracer.start_as_current_span("request"):
+        for user in (user_for("dark", "old", "shadow"), user_for("dark", "old")):
+            with router.context(user_id=user):
+                assert new() == "old"
+    router.shadow_pool.shutdown(wait=True)
+    _assert_shadow_telemetry(otel, router, "dark")
+
+
+def test_shadow_mode_still_calls_a_decide_replaced_on_the_instance(otel: Otel) -> None:
+    """A spy set on ``router.decide`` before decorating sees the shadow-mode decorator's decisions."""
+    router = otel.router()
+    seen: list[str] = []
+
+    def spy(name: str, context: Any = None) -> Any:
+        seen.append(name)
+        return Router.decide(router, name, context)
+
+    router.decide = spy  # type: ignore[method-assign]
+    new = _shadowed_pair(router, "search", "shadow")
+    with router.context(user_id="u1"):
+        assert new() == "old"
+    router.shadow_pool.shutdown(wait=True)
+    assert seen == ["search"]
+
+
+@pytest.mark.parametrize("old_fails", [False, True])
+def test_fallback_run_of_old_records_its_duration(otel: Otel, old_fails: bool) -> None:
+    """fallback_on_error: the failed new run and the old run that replaced it are both on the histogram."""
+    router = otel.router()
+    recorder = RecordingObserver()
+    router.add_observer(recorder)
+
+    def old() -> str:
+        if old_fails:
+            raise KeyError("old too")
+        return "old"
+
+    @router.canary("search", old=old, fallback_on_error=True)
+    def new() -> str:
+        raise PaymentDeclined("no")
+
+    with otel.tracer.start_as_current_span("request"), router.context(user_id=user_for("search", "new")):
+        if old_fails:
+            with pytest.raises(KeyError):
+                new()
+        else:
+            assert new() == "old"
+    qualified = f"{PaymentDeclined.__module__}.PaymentDeclined"
+    assert durations(otel) == {
+        ("search", "new", qualified, False): 1,
+        ("search", "old", "KeyError" if old_fails else None, False): 1,
+    }
+    # the guard and the observers still see one observation of the call: "new", failed, fell back
+    assert [(o.variant, o.ok, o.fell_back) for o in recorder.observations] == [("new", False, True)]
+
+
+def test_async_fallback_run_of_old_records_its_duration(otel: Otel) -> None:
+    """The same for an async function."""
+    router = otel.router()
+
+    async def old() -> str:
+        return "old"
+
+    @router.canary("search", old=old, fallback_on_error=True)
+    async def new() -> str:
+        raise PaymentDeclined("no")
+
+    async def handler() -> str:
+        with router.context(user_id=user_for("search", "new")):
+            return await new()
+
+    assert asyncio.run(handler()) == "old"
+    qualified = f"{PaymentDeclined.__module__}.PaymentDeclined"
+    assert durations(otel) == {("search", "new", qualified, False): 1, ("search", "old", None, False): 1}
+    spans = otel.finished("canary_router.invoke search")
+    assert [(s.attributes or {})["feature_flag.result.variant"] for s in spans] == ["new", "old"]
+
+
+# ---------------------------------------------------------------------------------------------- web middleware
+
+
+class RequestSpanMiddleware:
+    """A request-span middleware, as OpenTelemetry's ASGI instrumentation makes one, cut to the bone.
+
+    A SERVER span around each HTTP request, current while the application handles it.
+    """
+
+    def __init__(self, app: ASGIApp, tracer: trace.Tracer) -> None:
+        self.app = app
+        self.tracer = tracer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # pragma: no cover - the tests send HTTP requests only
+            await self.app(scope, receive, send)
+            return
+        with self.tracer.start_as_current_span(f"{scope['method']} {scope['path']}", kind=SpanKind.SERVER):
+            await self.app(scope, receive, send)
+
+
+def serve(app: ASGIApp, *requests: tuple[str, str]) -> list[httpx.Response]:
+    """GET each ``(path, user id)`` through ``app``, as forwarded by a trusted proxy with the user in a header."""
+
+    async def main() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.7", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return [await client.get(path, headers={"x-user-id": user}) for path, user in requests]
+
+    return asyncio.run(main())
+
+
+def test_asgi_request_span_holds_the_events_and_parents_the_invocation_spans(otel: Otel) -> None:
+    """Request span → CanaryMiddleware → route → decorated function: events and invocation spans nest right.
+
+    Each event lands on the span current when the decision was made, and each INTERNAL invocation span is a child
+    of the request span, for an async route and for a sync one (run on a worker thread).
+    """
+    router = otel.router()
+    user = user_for("search", "new")
+    checkout = Router.from_config(CONFIG, telemetry=None).decide("checkout", {"user_id": user}).variant
+
+    async def old_async() -> str:
+        return "old"
+
+    @router.canary("search", old=old_async)
+    async def search_async() -> str:
+        return "new"
+
+    def old_sync() -> str:
+        return "old"
+
+    @router.canary("search", old=old_sync)
+    def search_sync() -> str:
+        return "new"
+
+    async def async_endpoint(request: Request) -> Response:
+        served = await search_async()  # decided while the request span is current
+        with otel.tracer.start_as_current_span("render"):
+            variant = request.state.canary["checkout"].variant  # the middleware's decisions are lazy: decided now
+        return PlainTextResponse(f"{served} {variant}")
+
+    def sync_endpoint(request: Request) -> Response:  # Starlette runs it on a worker thread
+        return PlainTextResponse(search_sync())
+
+    inner = Starlette(routes=[Route("/async", async_endpoint), Route("/sync", sync_endpoint)])
+    canary = CanaryMiddleware(inner, router=router, trusted_proxies=["10.0.0.0/8"], user_header="x-user-id")
+    responses = serve(RequestSpanMiddleware(canary, otel.tracer), ("/async", user), ("/sync", user))
+    assert [r.text for r in responses] == [f"new {checkout}", "new"]
+
+    (render,) = otel.finished("render")
+    invocations = otel.finished("canary_router.invoke search")
+    assert len(invocations) == 2
+    for path in ("/async", "/sync"):
+        (request,) = otel.finished(f"GET {path}")
+        assert request.kind is SpanKind.SERVER
+        assert request.context is not None
+        (invocation,) = [
+            s for s in invocations if s.context is not None and s.context.trace_id == request.context.trace_id
+        ]
+        assert invocation.kind is SpanKind.INTERNAL
+        assert invocation.parent is not None
+        assert invocation.parent.span_id == request.context.span_id
+        assert (invocation.attributes or {})["feature_flag.result.variant"] == "new"
+        # the decorator decided before its span started: the event is on the request span, not the invocation's
+        assert [(e["feature_flag.key"], e["feature_flag.result.variant"]) for e in evaluation_events(request)] == [
+            ("search", "new")
+        ]
+        assert evaluation_events(invocation) == []
+    assert render.parent is not None
+    assert render.parent.span_id == otel.finished("GET /async")[0].context.span_id
+    assert [(e["feature_flag.key"], e["feature_flag.result.variant"]) for e in evaluation_events(render)] == [
+        ("checkout", checkout)
+    ]
+
+
+def test_asgi_split_mode_records_the_duration_of_request_level_rollouts(otel: Otel) -> None:
+    """Split-mode middleware records one histogram point per request, by served variant, error.type on a 5xx.
+
+    The split's decision is reported on the request span.
+    """
+    router = otel.router()
+    new_user, old_user = user_for("checkout", "new"), user_for("checkout", "old")
+
+    async def new_home(request: Request) -> Response:
+        return PlainTextResponse("new")
+
+    async def new_down(request: Request) -> Response:
+        return PlainTextResponse("down", status_code=503)
+
+    async def old_home(request: Request) -> Response:
+        return PlainTextResponse("old")
+
+    old_app = Starlette(routes=[Route("/", old_home), Route("/down", old_home)])
+    new_app = Starlette(routes=[Route("/", new_home), Route("/down", new_down)])
+    split = CanaryMiddleware(
+        old_app,
+        router=router,
+        rollout="checkout",
+        new_app=new_app,
+        trusted_proxies=["10.0.0.0/8"],
+        user_header="x-user-id",
+    )
+    responses = serve(RequestSpanMiddleware(split, otel.tracer), ("/", new_user), ("/", old_user), ("/down", new_user))
+    assert [(r.status_code, r.text) for r in responses] == [(200, "new"), (200, "old"), (503, "down")]
+
+    counts = durations(otel)
+    assert {(variant, error is not None) for _, variant, error, _ in counts} == {
+        ("new", False),
+        ("old", False),
+        ("new", True),
+    }
+    assert all(name == "checkout" and not shadow and n == 1 for (name, _, _, shadow), n in counts.items())
+    for path, variant in (("/", "new"), ("/", "old"), ("/down", "new")):
+        assert any(
+            [(e["feature_flag.key"], e["feature_flag.result.variant"]) for e in evaluation_events(span)]
+            == [("checkout", variant)]
+            for span in otel.finished(f"GET {path}")
+        )
+    assert all(s.kind is SpanKind.SERVER for s in otel.finished() if s.name.startswith("GET "))
+    assert len(otel.finished()) == 3  # the split itself starts no span of its own
+
+
 # ---------------------------------------------------------------------------------------------- safety and wiring
 
 
@@ -753,8 +1114,6 @@ def test_bad_arguments_fail_at_construction() -> None:
 
 def test_decision_series_are_capped(otel: Otel, monkeypatch: pytest.MonkeyPatch) -> None:
     """Arbitrary unknown rollout names cannot grow the counter's series without bound: the excess is _OTHER."""
-    from canary_router import telemetry
-
     monkeypatch.setattr(telemetry, "_MAX_SERIES", 3)
     router = otel.router()
     for i in range(10):
@@ -763,6 +1122,18 @@ def test_decision_series_are_capped(otel: Otel, monkeypatch: pytest.MonkeyPatch)
     assert keys == {"unknown-0", "unknown-1", "unknown-2", "_OTHER"}
     (other,) = [p for a, p in otel.points("canary_router.decisions").items() if dict(a)["feature_flag.key"] == "_OTHER"]
     assert other.value == 7
+
+
+def test_the_current_span_is_read_by_the_trace_apis_context_key(otel: Otel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast lookup of the current span is in use with this API; without it the public lookup does the same."""
+    assert telemetry._SPAN_KEY is not None  # an API that changed its key would silently cost about 0.15 µs a decision
+    router = otel.router()
+    with otel.tracer.start_as_current_span("request"):
+        router.decide("search", {"user_id": "u1"})
+        monkeypatch.setattr(telemetry, "_SPAN_KEY", None)
+        router.decide("search", {"user_id": "u1"})
+    first, second = evaluation_events(otel.finished("request")[0])
+    assert first == second
 
 
 def _run(code: str) -> str:

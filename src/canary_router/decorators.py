@@ -42,6 +42,13 @@ def _no_span_end(handle: SpanHandle, error: BaseException | None) -> None:
     """Stand-in for ``Telemetry._span_end`` when the router has no telemetry (never called)."""
 
 
+def _router_decide() -> Callable[..., Decision]:
+    """``Router.decide`` itself, to tell it from a replacement (imported late: the router imports this module)."""
+    from .router import Router
+
+    return Router.decide
+
+
 def _parameter_extractor(func: Callable[..., Any], mapping: Mapping[str, str]) -> Extractor:
     """Build a fast extractor of named parameters, validated against ``func``'s signature now."""
     signature = inspect.signature(func)
@@ -168,9 +175,18 @@ def make_canary(
                 f"({getattr(old, '__qualname__', old)!r}) must be one too"
             )
         extract = _extractor(new, context_from)
-        decide = router.decide
         observe = router._observe
         telemetry = router._telemetry
+        decide: Callable[[str, Context | Mapping[str, Any] | None], Decision] = router.decide
+        decided = None
+        if always_shadow and telemetry is not None and getattr(decide, "__func__", None) is _router_decide():
+            # Router.decide is _decide + telemetry._decided. In shadow mode the decorator calls the two itself, so
+            # that a shadowed call is reported with the decision it is served by ("old", reason shadow), not the
+            # "new" it was given. (A decide replaced on the instance, a test's spy say, is called as it is.)
+            decide = router._decide
+            decided = telemetry._decided
+        # the fallback run of the old version is timed for the duration histogram only (not for the guard)
+        observed = telemetry._observed if telemetry is not None else None
         # Routed-call spans: span_start returns None at once when tracing is off (one check, no span).
         span_start = telemetry._span_start if telemetry is not None else None
         span_end = telemetry._span_end if telemetry is not None else _no_span_end
@@ -191,10 +207,8 @@ def make_canary(
                 return found
             return ambient.merge(found)
 
-        def shadowed(decision: Decision) -> bool:
-            return decision[1] is _SHADOW or (always_shadow and decision[0] == "new")
-
         def shadow_decision(decision: Decision) -> Decision:
+            """The decision a shadowed call is served by: "old", reason shadow (bucket and unit kept)."""
             return decision if decision[1] is _SHADOW else decision._replace(variant="old", reason=_SHADOW)
 
         if is_async:
@@ -202,21 +216,27 @@ def make_canary(
             old_async = cast(Callable[..., Awaitable[Any]], old)
             tasks: set[asyncio.Task[None]] = set()
 
-            async def traced_async(
-                fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
-            ) -> Any:
-                """Run the old version after the new one failed (fallback), in a span of its own."""
+            async def fallback_async(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                """Run the old version after the new one failed: a span of its own and a histogram point of "old"."""
                 span = span_start(name, "old") if span_start is not None else None
+                start = perf_counter()
                 try:
-                    return await fn(*args, **kwargs)
+                    result = await old_async(*args, **kwargs)
+                    elapsed = perf_counter() - start
                 except Exception as exc:
+                    elapsed = perf_counter() - start
                     if span is not None:
                         span_end(span, exc)
                         span = None
+                    if observed is not None:
+                        observed(name, "old", elapsed, False, exc)
                     raise
                 finally:
                     if span is not None:
                         span_end(span, None)
+                if observed is not None:
+                    observed(name, "old", elapsed, True, None)
+                return result
 
             async def shadow_new(
                 run: _ShadowRun, decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -243,7 +263,6 @@ def make_canary(
                 run.done("new", value)
 
             async def async_shadow(decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                decision = shadow_decision(decision)
                 stats = router.shadow_stats(name)
                 run: _ShadowRun | None = None
                 if len(tasks) < router.shadow_max_pending:
@@ -279,8 +298,13 @@ def make_canary(
             @functools.wraps(new)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 decision = decide(name, context_for(args, kwargs) if extract is not None else None)
-                if shadowed(decision):
+                if decision[1] is _SHADOW or (always_shadow and decision[0] == "new"):
+                    decision = shadow_decision(decision)
+                    if decided is not None:
+                        decided(name, decision, router)
                     return await async_shadow(decision, args, kwargs)
+                if decided is not None:
+                    decided(name, decision, router)
                 is_new = decision[0] == "new"
                 span = span_start(name, decision[0]) if span_start is not None else None
                 start = perf_counter()
@@ -294,7 +318,7 @@ def make_canary(
                         span = None
                     if is_new and fallback_on_error:
                         observe(name, decision, False, elapsed, exc, True)
-                        return await traced_async(old_async, args, kwargs)
+                        return await fallback_async(args, kwargs)
                     observe(name, decision, False, elapsed, exc)
                     raise
                 finally:
@@ -308,19 +332,27 @@ def make_canary(
             new_sync = cast(Callable[..., Any], new)
             old_sync = cast(Callable[..., Any], old)
 
-            def traced_sync(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                """Run the old version after the new one failed (fallback), in a span of its own."""
+            def fallback_sync(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                """Run the old version after the new one failed: a span of its own and a histogram point of "old"."""
                 span = span_start(name, "old") if span_start is not None else None
+                start = perf_counter()
                 try:
-                    return fn(*args, **kwargs)
+                    result = old_sync(*args, **kwargs)
+                    elapsed = perf_counter() - start
                 except Exception as exc:
+                    elapsed = perf_counter() - start
                     if span is not None:
                         span_end(span, exc)
                         span = None
+                    if observed is not None:
+                        observed(name, "old", elapsed, False, exc)
                     raise
                 finally:
                     if span is not None:
                         span_end(span, None)
+                if observed is not None:
+                    observed(name, "old", elapsed, True, None)
+                return result
 
             def shadow_new_sync(
                 run: _ShadowRun,
@@ -357,7 +389,6 @@ def make_canary(
                 run.done("new", value)
 
             def sync_shadow(decision: Decision, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                decision = shadow_decision(decision)
                 stats = router.shadow_stats(name)
                 run: _ShadowRun | None = _ShadowRun(router, stats, compare, args, kwargs)
                 parent = capture() if capture is not None else None
@@ -392,8 +423,13 @@ def make_canary(
             @functools.wraps(new)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
                 decision = decide(name, context_for(args, kwargs) if extract is not None else None)
-                if shadowed(decision):
+                if decision[1] is _SHADOW or (always_shadow and decision[0] == "new"):
+                    decision = shadow_decision(decision)
+                    if decided is not None:
+                        decided(name, decision, router)
                     return sync_shadow(decision, args, kwargs)
+                if decided is not None:
+                    decided(name, decision, router)
                 is_new = decision[0] == "new"
                 span = span_start(name, decision[0]) if span_start is not None else None
                 start = perf_counter()
@@ -407,7 +443,7 @@ def make_canary(
                         span = None
                     if is_new and fallback_on_error:
                         observe(name, decision, False, elapsed, exc, True)
-                        return traced_sync(old_sync, args, kwargs)
+                        return fallback_sync(args, kwargs)
                     observe(name, decision, False, elapsed, exc)
                     raise
                 finally:

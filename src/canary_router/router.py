@@ -470,8 +470,8 @@ class Router:
             served = variant or decision[0]
             reason = decision[1]
             telemetry = self._telemetry
-            if telemetry is not None:
-                telemetry._observed(name, served, duration, ok, error)
+            if telemetry is not None:  # a shadow run ("new" run for a call served by "old") is marked as one
+                telemetry._observed(name, served, duration, ok, error, reason is _SHADOW and served != decision[0])
             if self._aggregator is not None:
                 self._aggregator.record(
                     name,

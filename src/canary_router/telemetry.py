@@ -14,7 +14,14 @@ names only; none of the legacy ``feature_flag.variant`` / ``feature_flag.provide
   fallback and shadow runs), with ``feature_flag.key`` and ``feature_flag.result.variant``; a failure
   sets status ERROR and ``error.type`` and records the exception;
 * the metrics ``canary_router.decisions`` (``{decision}``) and ``canary_router.invocation.duration``
-  (``s``, the HTTP semconv buckets), whose attributes are bounded: key, variant, reason, ``error.type``.
+  (``s``, the HTTP semconv buckets), whose attributes are bounded: key, variant, reason, ``error.type``,
+  and ``canary_router.shadow`` on the histogram points of shadow runs.
+
+The variant of a decision is the one **served**: a shadowed call (a rollout's shadow step, or the decorator's
+``mode="shadow"``) reports ``"old"`` with the reason ``shadow``, a value of our own. Semantic conventions list
+well-known reasons and ask for one of them when it applies; none describes "the old version was served while the
+new one runs unseen" (``split`` would make shadowed calls indistinguishable from the ordinary "old" share of a
+split), and the ``feature_flag.result.reason`` enum is open, so a custom lower-case snake_case value is allowed.
 
 Not configured is a safe state: with no SDK installed every signal is skipped after one look at the
 global provider, and nothing here ever raises into the application.
@@ -39,6 +46,7 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry._logs import _internal as _logs_internal
 from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import propagation as _propagation
 
 from ._version import __version__
 from .model import Reason
@@ -72,11 +80,19 @@ SET_ID = "feature_flag.set.id"
 VERSION = "feature_flag.version"
 CONTEXT_ID = "feature_flag.context.id"
 ERROR_TYPE = "error.type"
+SHADOW = "canary_router.shadow"
+"""``True`` on the span and the histogram points of a shadow run of the new version (absent on served calls)."""
+SHADOW_REASON = "shadow"
+"""``feature_flag.result.reason`` of a shadowed call: "old" served, the new version run alongside, unseen."""
 OTHER = "_OTHER"
 """``error.type`` (and ``feature_flag.key``) value once a cardinality cap is reached."""
 
-_RESULT_REASON: dict[str, str] = {r.value: r.openfeature.lower() for r in Reason}
-"""``Decision.reason`` → the semconv well-known ``feature_flag.result.reason`` (lower-case snake_case)."""
+_RESULT_REASON: dict[str, str] = {
+    **{r.value: r.openfeature.lower() for r in Reason},
+    Reason.SHADOW.value: SHADOW_REASON,  # OpenFeature's SPLIT would hide shadowed calls among the split's "old" ones
+}
+"""``Decision.reason`` → ``feature_flag.result.reason``: the semconv well-known value (lower-case snake_case), or
+``shadow`` for a shadowed call, which none of them describes."""
 _DECISION_ERROR: dict[str, str] = {Reason.UNKNOWN_ROLLOUT.value: "flag_not_found", Reason.ERROR.value: "general"}
 """Decisions that are evaluation errors → their semconv ``error.type`` (conditionally required on the event)."""
 
@@ -100,6 +116,28 @@ _GLOBALS_READABLE = (
 )
 
 _get_current_span = trace.get_current_span
+_get_current = otel_context.get_current
+
+
+def _readable_span_key() -> str | None:
+    """The context key the trace API keeps the current span under, if it can be read directly.
+
+    ``trace.get_current_span()`` is ``get_current().get(key)`` behind three Python calls and an ``isinstance``
+    check against an ABC: about 0.2 µs, on every decision inside a recording span. Reading the key ourselves
+    (through the public ``context.get_current()``, so a replaced runtime context is still followed) costs about
+    0.07 µs. The key (``opentelemetry.trace.propagation._SPAN_KEY``) is private, so it is used only if
+    ``set_span_in_context`` is seen to store the span under it; else decisions use ``get_current_span()``.
+    """
+    key = getattr(_propagation, "_SPAN_KEY", None)
+    probe = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+    try:
+        stored = trace.set_span_in_context(probe, otel_context.Context()).get(key) if isinstance(key, str) else None
+    except Exception:  # pragma: no cover - an API that works differently: the public lookup
+        stored = None
+    return key if stored is probe else None
+
+
+_SPAN_KEY = _readable_span_key()
 _set_span_in_context = trace.set_span_in_context
 _attach = otel_context.attach
 _detach = otel_context.detach
@@ -303,10 +341,10 @@ class Telemetry:
         except Exception as exc:  # a broken meter provider: no metrics, never an exception
             _log.warning("canary_router: cannot create the OpenTelemetry instruments (%r); metrics are off", exc)
             self._instruments = None
-        self._event_attrs: dict[tuple[str, str, str], tuple[int | None, dict[str, str]]] = {}
+        self._event_attrs: dict[tuple[str, str, str], tuple[object, dict[str, str]]] = {}
         self._span_attrs: dict[tuple[str, str, bool], dict[str, Any]] = {}
         self._span_names: dict[str, str] = {}
-        self._duration_attrs: dict[tuple[str, str, str | None], dict[str, str]] = {}
+        self._duration_attrs: dict[tuple[str, str, str | None, bool], dict[str, Any]] = {}
         self._warned: dict[str, float] = {}
 
     def __repr__(self) -> str:
@@ -321,38 +359,56 @@ class Telemetry:
     # ------------------------------------------------------------------ decisions (Router.decide)
 
     def _decided(self, name: str, decision: Decision, router: Router) -> None:
-        """Count one decision and emit its ``feature_flag.evaluation`` event. Never raises."""
+        """Count one decision and emit its ``feature_flag.evaluation`` event. Never raises.
+
+        ``decision`` is the one served: in shadow mode the decorator calls this itself (not :meth:`Router.decide`)
+        with a shadowed call's decision turned into a shadow decision ("old", reason ``shadow``).
+        """
         try:
-            key = None
+            key = (name, decision[0], decision[1])
             if self._metered or _metrics_internal._METER_PROVIDER is not None:
                 instruments = self._instruments
                 if instruments is not None:
-                    key = (name, decision[0], decision[1])
                     counter = instruments.counters.get(key)
                     if counter is None:
                         counter = instruments.counter(key)
                     next(counter)
             if self._log_mode:
                 if self._logged or _logs_internal._LOGGER_PROVIDER is not None:
-                    attributes = self._event_attributes(key or (name, decision[0], decision[1]), decision, router)
+                    attributes = self._event_attributes(key, decision, router)
                     self._logger.emit(event_name=EVENT_NAME, attributes=attributes)
             elif self._traced or trace._TRACER_PROVIDER is not None:
-                span = _get_current_span()
-                if span.is_recording():
-                    attributes = self._event_attributes(key or (name, decision[0], decision[1]), decision, router)
-                    span.add_event(EVENT_NAME, attributes)
+                span: trace.Span | None = (
+                    _get_current().get(_SPAN_KEY)  # type: ignore[assignment]  # what set_span_in_context stored
+                    if _SPAN_KEY is not None
+                    else _get_current_span()
+                )
+                if span is not None and span.is_recording():
+                    # the cached attributes as they are (no copy) while the rollout's state is the one they were
+                    # built from; the SDK copies them into the event anyway
+                    cached = self._event_attrs.get(key)
+                    compiled = router._compiled.get(name)
+                    if cached is None or compiled is None or cached[0] is not compiled.live or self.context_id:
+                        span.add_event(EVENT_NAME, self._event_attributes(key, decision, router))
+                    else:
+                        span.add_event(EVENT_NAME, cached[1])
         except Exception as exc:
             self._warn("decision", f"cannot record the decision of {name!r}: {exc!r}")
 
     def _event_attributes(self, key: tuple[str, str, str], decision: Decision, router: Router) -> dict[str, str]:
-        """The event's attributes for ``key`` = (rollout, variant, reason), cached until the state version changes."""
+        """The event's attributes for ``key`` = (rollout, variant, reason), cached until the rollout's state changes.
+
+        The cache entry holds the router's state object it was built from (swapped whole on every change), so a
+        hit is an identity check; its ``version`` becomes ``feature_flag.version``.
+        """
         name, variant, reason = key
         compiled = router._compiled.get(name)
-        version = None if compiled is None else compiled.live.version  # of the state decisions are made from
+        live = None if compiled is None else compiled.live  # the state decisions are made from
         cached = self._event_attrs.get(key)
-        if cached is not None and cached[0] == version:
+        if cached is not None and cached[0] is live:
             attributes = cached[1]
         else:
+            version = None if live is None else live.version
             attributes = {
                 KEY: name,
                 VARIANT: variant,
@@ -368,7 +424,7 @@ class Telemetry:
                 attributes[VERSION] = str(version)
             if len(self._event_attrs) >= _MAX_CACHE:
                 self._event_attrs.clear()
-            self._event_attrs[key] = (version, attributes)
+            self._event_attrs[key] = (live, attributes)
         if self.context_id:
             unit = decision[3]
             if unit is not None:
@@ -394,7 +450,7 @@ class Telemetry:
             if attributes is None:
                 attributes = {KEY: name, VARIANT: variant}
                 if shadow:
-                    attributes["canary_router.shadow"] = True
+                    attributes[SHADOW] = True
                 if len(self._span_attrs) >= _MAX_CACHE:
                     self._span_attrs.clear()
                 self._span_attrs[key] = attributes
@@ -441,8 +497,14 @@ class Telemetry:
 
     # ------------------------------------------------------------------ observations (Router._observe)
 
-    def _observed(self, name: str, variant: str, duration: float, ok: bool, error: BaseException | None) -> None:
-        """Record a routed call's duration, with ``error.type`` when it failed. Never raises."""
+    def _observed(
+        self, name: str, variant: str, duration: float, ok: bool, error: BaseException | None, shadow: bool = False
+    ) -> None:
+        """Record a routed call's duration, with ``error.type`` when it failed. Never raises.
+
+        ``variant`` is the version that ran; ``shadow=True`` marks a shadow run of the new version (its result was
+        not served), which gets ``canary_router.shadow = true`` so it never mixes with served calls.
+        """
         if not (self._metered or _metrics_internal._METER_PROVIDER is not None):
             return
         try:
@@ -450,10 +512,12 @@ class Telemetry:
             if instruments is None:
                 return
             failure = None if ok else _metric_error_type(error)
-            key = (name, variant, failure)
+            key = (name, variant, failure, shadow)
             attributes = self._duration_attrs.get(key)
             if attributes is None:
                 attributes = {KEY: name, VARIANT: variant}
+                if shadow:
+                    attributes[SHADOW] = True
                 if failure is not None:
                     attributes[ERROR_TYPE] = failure
                 if len(self._duration_attrs) >= _MAX_CACHE:
