@@ -202,7 +202,10 @@ class CanaryMiddleware:
             router._observe(name, decision, False, (end or perf_counter()) - start, exc)
             raise
         failed = type(status) is int and status >= 500
-        router._observe(name, decision, not failed, (end or perf_counter()) - start)
+        # HTTP semantic conventions: a 5xx without an exception has the status code as its error.type
+        router._observe(
+            name, decision, not failed, (end or perf_counter()) - start, error_type=str(status) if failed else None
+        )
 
     def _resolve(self, scope: Scope, kind: str) -> Resolution:
         """Resolve the request; odd scopes take the careful path, and the resolver itself never raises."""

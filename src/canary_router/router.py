@@ -460,8 +460,12 @@ class Router:
         error: BaseException | None = None,
         fell_back: bool = False,
         variant: Variant | None = None,
+        error_type: str | None = None,
     ) -> None:
-        """Record one routed call: into the guard's aggregates, then to the observers (never raises)."""
+        """Record one routed call: into the guard's aggregates, then to the observers (never raises).
+
+        ``error_type`` names a failure that raised nothing (the HTTP status of a 5xx response in split mode).
+        """
         try:
             compiled = self._compiled.get(name)
             if compiled is None:
@@ -471,7 +475,9 @@ class Router:
             reason = decision[1]
             telemetry = self._telemetry
             if telemetry is not None:  # a shadow run ("new" run for a call served by "old") is marked as one
-                telemetry._observed(name, served, duration, ok, error, reason is _SHADOW and served != decision[0])
+                telemetry._observed(
+                    name, served, duration, ok, error, reason is _SHADOW and served != decision[0], error_type
+                )
             if self._aggregator is not None:
                 self._aggregator.record(
                     name,

@@ -498,7 +498,14 @@ class Telemetry:
     # ------------------------------------------------------------------ observations (Router._observe)
 
     def _observed(
-        self, name: str, variant: str, duration: float, ok: bool, error: BaseException | None, shadow: bool = False
+        self,
+        name: str,
+        variant: str,
+        duration: float,
+        ok: bool,
+        error: BaseException | None,
+        shadow: bool = False,
+        error_type: str | None = None,
     ) -> None:
         """Record a routed call's duration, with ``error.type`` when it failed. Never raises.
 
@@ -511,7 +518,7 @@ class Telemetry:
             instruments = self._instruments
             if instruments is None:
                 return
-            failure = None if ok else _metric_error_type(error)
+            failure = None if ok else (error_type if error is None and error_type else _metric_error_type(error))
             key = (name, variant, failure, shadow)
             attributes = self._duration_attrs.get(key)
             if attributes is None:

@@ -182,8 +182,11 @@ class _Exchange:
             return
         self.done = True
         duration = perf_counter() - self.started
-        ok = error is None and 0 < _status_code(self.status) < 500
-        self.router._observe(self.rollout, self.decision, ok, duration, error)
+        code = _status_code(self.status)
+        ok = error is None and 0 < code < 500
+        # HTTP semantic conventions: a 5xx without an exception has the status code as its error.type
+        error_type = str(code) if error is None and code >= 500 else None
+        self.router._observe(self.rollout, self.decision, ok, duration, error, error_type=error_type)
 
 
 class _Body:
