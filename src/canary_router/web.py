@@ -339,9 +339,6 @@ class WebResolver:
                 break
         return client
 
-    def _from_trusted_proxy(self, info: RequestInfo) -> bool:
-        return self._peer(info.peer)[1]
-
     def resolve(self, info: RequestInfo) -> Resolution:
         """Build the request's context and decisions; never raises (falls back to deciding on an empty context)."""
         try:
