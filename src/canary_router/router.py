@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import mmh3
 
+from ._throttle import Throttled
 from .bucketing import threshold
 from .config import Config, _conditions, _Issues, load_config, load_file
 from .context import Context, _current, use_context
@@ -163,7 +164,8 @@ class Router:
         self._observers: tuple[Observer, ...] = ()
         self._forced: dict[str, Variant] = {}
         self._lock = threading.RLock()
-        self._warned: dict[str, float] = {}
+        self._warn = Throttled(_log, "canary_router: ")
+        """Logs a problem at most once a minute per kind."""
         for compiled in self._compiled.values():
             compiled.live = self._initial_live(compiled.rollout)
         self._unsubscribe = self._store.subscribe(self._on_store_change)
@@ -419,16 +421,6 @@ class Router:
     def telemetry(self) -> Telemetry | None:
         """The OpenTelemetry instrumentation of this router (``None`` when built with ``telemetry=None``)."""
         return self._telemetry
-
-    def _warn(self, key: str, message: str) -> None:
-        """Log a hot-path problem at most once a minute per kind, so a bad input cannot flood the logs."""
-        try:
-            now = time.monotonic()
-            if now - self._warned.get(key, -math.inf) >= 60.0:
-                self._warned[key] = now
-                _log.warning("canary_router: %s", message)
-        except Exception:  # pragma: no cover - logging itself failed  # noqa: S110
-            pass
 
     # ------------------------------------------------------------------ context and observation
 

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import threading
-import time
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -48,6 +47,7 @@ from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace import propagation as _propagation
 
+from ._throttle import Throttled
 from ._version import __version__
 from .model import Reason
 
@@ -345,7 +345,8 @@ class Telemetry:
         self._span_attrs: dict[tuple[str, str, bool], dict[str, Any]] = {}
         self._span_names: dict[str, str] = {}
         self._duration_attrs: dict[tuple[str, str, str | None, bool], dict[str, Any]] = {}
-        self._warned: dict[str, float] = {}
+        self._warn = Throttled(_log, "canary_router: telemetry: ")
+        """Logs a problem at most once a minute per kind."""
 
     def __repr__(self) -> str:
         return f"Telemetry(event_mode={self.event_mode!r}, context_id={self.context_id!r}, set_id={self.set_id!r})"
@@ -534,13 +535,3 @@ class Telemetry:
                 instruments.duration.record(duration, attributes)
         except Exception as exc:
             self._warn("duration", f"cannot record the duration of a {name!r} call: {exc!r}")
-
-    def _warn(self, kind: str, message: str) -> None:
-        """Log a telemetry failure at most once a minute per kind; never raises."""
-        try:
-            now = time.monotonic()
-            if now - self._warned.get(kind, -math.inf) >= 60.0:
-                self._warned[kind] = now
-                _log.warning("canary_router: telemetry: %s", message)
-        except Exception:  # pragma: no cover - logging itself failed  # noqa: S110
-            pass
