@@ -14,12 +14,11 @@ USER = "josé-😀"
 CONFIG = {"rollouts": {"r": {"steps": [50, 100]}}}
 
 
-def asgi_bucket(raw_user: bytes) -> int | None:
-    """Send one request through the ASGI middleware and return the bucket decided for rollout r."""
-    seen: dict[str, Any] = {}
+def run_asgi(on_request: Any, raw_user: bytes) -> None:
+    """Send one GET through the ASGI middleware from a trusted peer; ``on_request(scope)`` runs in the app."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        seen["decision"] = scope["state"]["canary"]["r"]
+        on_request(scope)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -43,6 +42,12 @@ def asgi_bucket(raw_user: bytes) -> int | None:
         return None
 
     asyncio.run(middleware(scope, receive, send))
+
+
+def asgi_bucket(raw_user: bytes) -> int | None:
+    """Send one request through the ASGI middleware and return the bucket decided for rollout r."""
+    seen: dict[str, Any] = {}
+    run_asgi(lambda scope: seen.update(decision=scope["state"]["canary"]["r"]), raw_user)
     return seen["decision"].bucket
 
 
@@ -89,29 +94,6 @@ def test_asgi_lays_the_request_context_over_an_enclosing_one() -> None:
     from canary_router import current_context, use_context
 
     seen: dict[str, Any] = {}
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        seen.update(current_context())
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    middleware = AsgiMiddleware(
-        app, router=Router.from_config(CONFIG), trusted_proxies=["127.0.0.1"], user_header="x-user-id"
-    )
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/",
-        "client": ("127.0.0.1", 1),
-        "headers": [(b"x-user-id", b"u7")],
-    }
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: dict[str, Any]) -> None:
-        return None
-
     with use_context(tenant="acme"):
-        asyncio.run(middleware(scope, receive, send))
+        run_asgi(lambda scope: seen.update(current_context()), b"u7")
     assert (seen["tenant"], seen["user_id"]) == ("acme", "u7")
