@@ -34,7 +34,7 @@ from .model import (
     Variant,
 )
 from .notify import Notifier, Webhook
-from .observe import Aggregator
+from .observe import Aggregator, HistorySlot, StepSnapshot
 from .rules import Predicate, compile_condition
 from .shadow import ShadowPool, ShadowStats
 from .stores.base import Store, Versioned
@@ -42,7 +42,7 @@ from .stores.memory import MemoryStore
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
-    from .analysis import Check
+    from .analysis import Check, Verdict
     from .controller import Controller
     from .decorators import ContextSource
 
@@ -853,6 +853,34 @@ class Router:
     def aggregator(self) -> Aggregator | None:
         """The observation aggregates the guard reads (``None`` when built with ``record=False``)."""
         return self._aggregator
+
+    def observations(self, name: str, epoch: int | None = None) -> StepSnapshot | None:
+        """Counts of rollout ``name``'s current step (or step ``epoch``) per variant, across every instance.
+
+        With a :class:`~canary_router.stores.SharedStore` these are the totals of every process sharing
+        the store (this process's latest counts are flushed first); otherwise this process's own counts.
+        ``None`` when nothing was observed.
+        """
+        self._require(name)
+        if epoch is None:
+            epoch = self._read(name).state.epoch
+        aggregator = self._aggregator
+        return aggregator.snapshot(name, epoch) if aggregator is not None else None
+
+    def observation_history(self, name: str, since: float = 0.0) -> list[HistorySlot]:
+        """Time slots of rollout ``name`` (requests, errors, latency per variant) from ``since`` on, oldest first.
+
+        Summed across instances with a shared store, like :meth:`observations`.
+        """
+        self._require(name)
+        aggregator = self._aggregator
+        if aggregator is None:
+            return []
+        return [slot for slot in aggregator.history(name) if slot.start >= since]
+
+    def verdict(self, name: str) -> Verdict:
+        """Evaluate the guard of rollout ``name`` on its current step now, without acting."""
+        return self.controller().verdict(name)
 
     def add_check(self, name: str, check: Check) -> Callable[[], None]:
         """Add a custom guard check to rollout ``name``: ``check(snapshot, percent) -> CheckResult``.

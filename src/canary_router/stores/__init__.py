@@ -1,6 +1,32 @@
 """Where rollout state lives: the :class:`Store` protocol and its implementations."""
 
-from .base import Store, Versioned
+from ._url import ENV_VAR, open_store
+from .base import (
+    Lease,
+    ObservationBatch,
+    SharedStore,
+    SlotCounts,
+    Store,
+    VariantCounts,
+    Versioned,
+    history_from_slots,
+    merge_counts,
+    snapshot_from_counts,
+)
 from .memory import MemoryStore
 
-__all__ = ["MemoryStore", "Store", "Versioned"]
+__all__ = [
+    "ENV_VAR",
+    "Lease",
+    "MemoryStore",
+    "ObservationBatch",
+    "SharedStore",
+    "SlotCounts",
+    "Store",
+    "VariantCounts",
+    "Versioned",
+    "history_from_slots",
+    "merge_counts",
+    "open_store",
+    "snapshot_from_counts",
+]
