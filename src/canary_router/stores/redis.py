@@ -198,6 +198,8 @@ return {fields, counts}
 """
 
 _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+_ABANDONED: list[redis.Redis] = []
+"""Clients inherited through fork() and replaced in the child (see ``RedisStore._after_fork``)."""
 _FORK_HOOK = threading.Lock()
 _fork_hook_installed = False
 
@@ -237,9 +239,12 @@ class RedisStore:
     many). Observation totals and history slots expire ``observation_ttl`` seconds after their last
     update; at most ``max_slots`` history slots are kept per rollout.
 
-    Thread-safe and fork-safe: in a forked child the connection pool is re-created and the listener
-    restarted. Every Redis failure raises :class:`~canary_router.StoreError`; nothing raises a redis-py
-    exception. Implements :class:`~canary_router.stores.SharedStore`.
+    Thread-safe and fork-safe: in a forked child a store opened from a URL makes a new client, and the
+    listener is restarted (with a client passed in, redis-py's own fork detection re-creates its pool on
+    first use, which can deadlock when the fork happened while another thread held the pool's lock: pass a
+    URL, or build the store after the fork, in pre-fork servers). Every Redis failure raises
+    :class:`~canary_router.StoreError`; nothing raises a redis-py exception. Implements
+    :class:`~canary_router.stores.SharedStore`.
     """
 
     def __init__(
@@ -262,12 +267,9 @@ class RedisStore:
             raise ValueError("max_history and max_slots must be at least 1")
         if observation_ttl < 1:
             raise ValueError(f"observation_ttl must be at least 1 second, got {observation_ttl!r}")
-        if isinstance(client, str):
-            self._client = _client_from_url(client)
-            self._owns_client = True
-        else:
-            self._client = client
-            self._owns_client = False
+        self._url = client if isinstance(client, str) else None
+        self._client = _client_from_url(client) if isinstance(client, str) else client
+        self._owns_client = self._url is not None
         self.prefix = prefix
         """The prefix of every key and of the change channel."""
         self.refresh_interval = float(refresh_interval)
@@ -276,17 +278,20 @@ class RedisStore:
         self._max_slots = max_slots
         self._state_key = f"{prefix}:state"
         self._channel = f"{prefix}:changes"
-        self._cas = self._client.register_script(_CAS)
-        self._acquire = self._client.register_script(_ACQUIRE)
-        self._release = self._client.register_script(_RELEASE)
-        self._add = self._client.register_script(_ADD)
-        self._read = self._client.register_script(_READ)
+        self._register_scripts()
         self._warn = Throttled(_log, "canary_router: redis store: ")
         self._subscribers: tuple[Callable[[str, Versioned], None], ...] = ()
         self._closed = False
         self._reset_background()
         _STORES.add(self)
         _install_fork_hook()
+
+    def _register_scripts(self) -> None:
+        self._cas = self._client.register_script(_CAS)
+        self._acquire = self._client.register_script(_ACQUIRE)
+        self._release = self._client.register_script(_RELEASE)
+        self._add = self._client.register_script(_ADD)
+        self._read = self._client.register_script(_READ)
 
     def _reset_background(self) -> None:
         """Fresh locks and no listener (at construction, and in a forked child)."""
@@ -548,8 +553,14 @@ class RedisStore:
 
     def _after_fork(self) -> None:
         """In a forked child: fresh connections, locks and listener (restarted when there are subscribers)."""
-        with suppress(Exception):  # the pool re-creates itself on first use anyway
-            self._client.connection_pool.reset()
+        if self._url is not None and not self._closed:
+            # A new client: the parent's pool may be locked by a thread that does not exist here, and
+            # resetting it would wait forever. The old client is kept referenced, never closed or
+            # collected here: its sockets belong to the parent (redis-py only shuts them down in the
+            # process that opened them).
+            _ABANDONED.append(self._client)
+            self._client = _client_from_url(self._url)
+            self._register_scripts()
         self._reset_background()
         if self._subscribers and not self._closed:
             with self._lock:

@@ -1,0 +1,193 @@
+"""Routers on Redis: propagation between processes, pre-fork servers, asyncio, and Redis failing under them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from canary_router import Rollout, Router, StoreError
+from canary_router.stores.redis import RedisStore
+from redisserver import RedisServer, delete_prefix, new_prefix, redis_server, shared_url
+from webserver import free_port, python_module, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A private redis-server on a free port that the test may kill and restart."""
+    with redis_server() as started:
+        yield started
+
+
+def _router(url: str, prefix: str, **options: object) -> Router:
+    return Router([Rollout("checkout", steps=(10.0, 50.0, 100.0))], store=RedisStore(url, prefix=prefix), **options)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- propagation
+
+
+def test_rollback_reaches_every_process_quickly() -> None:
+    """20 rollbacks with 4 processes: every other process serves "old" within 500 ms (p99), nothing missed."""
+    import bench_propagation
+
+    result = bench_propagation.measure(shared_url(), 20, watchers=3, seed=7)
+    assert len(result.trials) == 20
+    assert len(result.each) == 60
+    assert bench_propagation.percentile(result.from_call, 99) < 500
+
+
+# ------------------------------------------------------------------------------------------------ pre-fork
+
+
+def _poll_workers(base: str) -> dict[int, str]:
+    """Six concurrent requests (each holding its worker 0.2 s, on its own connection): pid → variant served."""
+
+    def one(_: int) -> tuple[int, str]:
+        answer = httpx.get(f"{base}/?hold=0.2", headers={"Connection": "close"}, timeout=10).json()
+        return int(answer["pid"]), str(answer["variant"])
+
+    with ThreadPoolExecutor(6) as pool:
+        return dict(pool.map(one, range(6)))
+
+
+def test_gunicorn_preload_workers_all_receive_a_rollback() -> None:
+    """Gunicorn --preload with 3 workers: after the fork every worker still hears changes and serves "old"."""
+    url, prefix = shared_url(), new_prefix("gunicorn")
+    port = free_port()
+    store_url = f"{url}?prefix={prefix}&refresh_interval=3600"  # only the change channel can be in time
+    command = python_module(
+        "gunicorn", "--preload", "-w", "3", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", "redis_wsgi:app"
+    )
+    operator = Router([Rollout("checkout", steps=(100.0,))], store=RedisStore(url, prefix=prefix), telemetry=None)
+    try:
+        with serve(command, port, cwd=ROOT / "tests" / "apps", env={"CANARY_ROUTER_STORE": store_url}) as base:
+            latest: dict[int, str] = {}
+            deadline = time.monotonic() + 60
+            while len(latest) < 3:
+                assert time.monotonic() < deadline, f"saw only workers {sorted(latest)}"
+                latest.update(_poll_workers(base))
+            assert set(latest.values()) == {"new"}
+            workers = set(latest)
+            operator.rollback("checkout", reason="test: every worker must hear this")
+            deadline = time.monotonic() + 20
+            while any(v != "old" for v in latest.values()):
+                assert time.monotonic() < deadline, f"workers still serving new: {latest}"
+                latest.update(_poll_workers(base))
+            assert set(latest) == workers, "no worker was replaced during the test"
+    finally:
+        operator.close()
+        delete_prefix(url, prefix)
+
+
+# ------------------------------------------------------------------------------------------------- asyncio
+
+
+async def _max_loop_lag(seconds: float, work: object) -> float:
+    """Run ``work`` (a coroutine) while measuring how late a 10 ms timer fires; return the worst lateness (s)."""
+    worst = 0.0
+    task = asyncio.ensure_future(work)  # type: ignore[arg-type]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        before = time.monotonic()
+        await asyncio.sleep(0.01)
+        worst = max(worst, time.monotonic() - before - 0.01)
+    await task
+    return worst
+
+
+def test_asyncio_loop_is_not_blocked_while_redis_is_down_or_hung(server: RedisServer) -> None:
+    """An asyncio app deciding and routing while Redis hangs (CLIENT PAUSE) and then is gone: the loop never stalls.
+
+    A blocking call would stall the loop for the store's 0.5 s timeout; the worst timer lateness must stay
+    under 300 ms (it is a few ms on an idle machine; the margin is for a loaded one). Control methods run in a thread (``asyncio.to_thread``) and fail there with StoreError.
+    """
+    prefix = new_prefix("asyncio")
+    router = _router(server.url, prefix)
+    router.set_percent("checkout", 50)
+    served = {"old": 0, "new": 0}
+    errors: list[BaseException] = []
+
+    async def old(user: str) -> str:
+        return "old"
+
+    @router.canary("checkout", old=old, context_from={"user_id": "user"})
+    async def new(user: str) -> str:
+        return "new"
+
+    async def traffic(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            try:
+                served[await new(f"user-{i}")] += 1
+                router.decide("checkout", {"user_id": f"user-{i}"})
+            except BaseException as exc:  # pragma: no cover - the assertion below reports it
+                errors.append(exc)
+            i += 1
+            await asyncio.sleep(0)
+
+    async def scenario() -> tuple[float, float, BaseException | None]:
+        import redis
+
+        redis.Redis.from_url(server.url).client_pause(2500)  # hung: connections open, nothing answers
+        hung = await _max_loop_lag(2.0, traffic(2.0))
+        server.kill()
+        failure: BaseException | None = None
+        try:
+            await asyncio.to_thread(router.rollback, "checkout", reason="operator, while Redis is down")
+        except StoreError as exc:
+            failure = exc
+        down = await _max_loop_lag(2.0, traffic(2.0))
+        return hung, down, failure
+
+    try:
+        hung, down, failure = asyncio.run(scenario())
+    finally:
+        router.close()
+    assert errors == []
+    assert served["old"] > 100, served
+    assert served["new"] > 100, served
+    assert hung < 0.3, f"the loop stalled for {hung * 1000:.0f} ms while Redis hung"
+    assert down < 0.3, f"the loop stalled for {down * 1000:.0f} ms while Redis was down"
+    assert isinstance(failure, StoreError)
+
+
+# -------------------------------------------------------------------------------------------------- faults
+
+
+def test_redis_down_at_start_serves_the_configured_state_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """With nothing listening, the router starts, serves the configured first step and warns; nothing raises."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with caplog.at_level(logging.WARNING, logger="canary_router"):
+        router = _router(dead, new_prefix("down"))
+    try:
+        decisions = [router.decide("checkout", {"user_id": f"u{i}"}) for i in range(2000)]
+        new_share = sum(d.variant == "new" for d in decisions) / len(decisions)
+        assert 0.07 < new_share < 0.13, "the configured first step (10 %) is served"
+        assert any("cannot read the state" in r.getMessage() for r in caplog.records)
+    finally:
+        router.close()
+
+
+def test_redis_down_mid_rollout_decisions_continue_from_the_last_state(server: RedisServer) -> None:
+    """Redis killed after a promotion: decisions keep the last known 50 % step and never raise."""
+    router = _router(server.url, new_prefix("mid"))
+    try:
+        router.promote("checkout")
+        server.kill()
+        decisions = [router.decide("checkout", {"user_id": f"u{i}"}) for i in range(2000)]
+        assert 0.45 < sum(d.variant == "new" for d in decisions) / 2000 < 0.55
+        with pytest.raises(StoreError):
+            router.rollback("checkout")
+    finally:
+        router.close()
