@@ -109,7 +109,8 @@ def test_asyncio_loop_is_not_blocked_while_redis_is_down_or_hung(server: RedisSe
     """An asyncio app deciding and routing while Redis hangs (CLIENT PAUSE) and then is gone: the loop never stalls.
 
     A blocking call would stall the loop for the store's 0.5 s timeout; the worst timer lateness must stay
-    under 300 ms (it is a few ms on an idle machine; the margin is for a loaded one). Control methods run in a thread (``asyncio.to_thread``) and fail there with StoreError.
+    under 300 ms (it is a few ms on an idle machine; the margin is for a loaded one). Control methods run
+    in a thread (``asyncio.to_thread``) and fail there with StoreError.
     """
     prefix = new_prefix("asyncio")
     router = _router(server.url, prefix)
