@@ -648,8 +648,9 @@ class Router:
             if (
                 version > current.version
                 or current.version == 0
-                or (  # the store lost its state and another instance restored it (versions restart)
-                    version < current.version
+                or (  # the store lost its state and another instance restored it (versions restart, so
+                    # the restored version may equal the one this instance knew from before the loss)
+                    version <= current.version
                     and state.reason.startswith(STATE_LOST)
                     and state.updated_at > current.state.updated_at
                 )
