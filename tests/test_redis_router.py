@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -161,34 +160,3 @@ def test_asyncio_loop_is_not_blocked_while_redis_is_down_or_hung(server: RedisSe
     assert hung < 0.3, f"the loop stalled for {hung * 1000:.0f} ms while Redis hung"
     assert down < 0.3, f"the loop stalled for {down * 1000:.0f} ms while Redis was down"
     assert isinstance(failure, StoreError)
-
-
-# -------------------------------------------------------------------------------------------------- faults
-
-
-def test_redis_down_at_start_serves_the_configured_state_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    """With nothing listening, the router starts, serves the configured first step and warns; nothing raises."""
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    with caplog.at_level(logging.WARNING, logger="canary_router"):
-        router = _router(dead, new_prefix("down"))
-    try:
-        decisions = [router.decide("checkout", {"user_id": f"u{i}"}) for i in range(2000)]
-        new_share = sum(d.variant == "new" for d in decisions) / len(decisions)
-        assert 0.07 < new_share < 0.13, "the configured first step (10 %) is served"
-        assert any("cannot read the state" in r.getMessage() for r in caplog.records)
-    finally:
-        router.close()
-
-
-def test_redis_down_mid_rollout_decisions_continue_from_the_last_state(server: RedisServer) -> None:
-    """Redis killed after a promotion: decisions keep the last known 50 % step and never raise."""
-    router = _router(server.url, new_prefix("mid"))
-    try:
-        router.promote("checkout")
-        server.kill()
-        decisions = [router.decide("checkout", {"user_id": f"u{i}"}) for i in range(2000)]
-        assert 0.45 < sum(d.variant == "new" for d in decisions) / 2000 < 0.55
-        with pytest.raises(StoreError):
-            router.rollback("checkout")
-    finally:
-        router.close()

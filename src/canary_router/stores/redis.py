@@ -498,7 +498,9 @@ class RedisStore:
         except (ValueError, KeyError, TypeError) as exc:
             self._warn("message", f"ignoring a malformed change message: {exc!r}")
             return
-        self._deliver(name, versioned, newer_only=True)
+        # Messages arrive in the order the writes happened, so any version not yet seen is news (a lower
+        # one too: the state was lost and written again).
+        self._deliver(name, versioned, newer_only=False)
 
     def _refresh_now(self) -> None:
         """Re-read every state; deliver any version the subscribers have not seen (also a lower one: a reset)."""
