@@ -45,6 +45,17 @@ def test_rollback_reaches_every_process_quickly() -> None:
     assert bench_propagation.percentile(result.from_call, 99) < 500
 
 
+def test_load_totals_in_redis_equal_what_every_process_observed() -> None:
+    """4 processes × 2 threads × 3 s of routed calls: no exception, and Redis holds exactly the calls made."""
+    import load_redis
+
+    with_redis, total = load_redis.measure(shared_url(), processes=4, threads=2, seconds=3.0)
+    assert with_redis.errors == []
+    assert sum(with_redis.calls) > 10_000
+    assert total == sum(with_redis.calls)
+    assert with_redis.dropped == 0
+
+
 # ------------------------------------------------------------------------------------------------ pre-fork
 
 
