@@ -131,7 +131,7 @@ end
 local level = tonumber(redis.call('HGET', obs, 'level') or '-1')
 if p.level > level then
   redis.call('HSET', obs, 'level', p.level)
-  for v, _ in pairs(p.variants) do
+  for _, v in ipairs({'old', 'new'}) do
     for tz = 0, p.level - 1 do
       redis.call('DEL', ARGV[4] .. v .. ':u:' .. tz, ARGV[4] .. v .. ':e:' .. tz)
     end
