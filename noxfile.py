@@ -73,3 +73,15 @@ def simulate(session: nox.Session) -> None:
     """
     session.install(".", "numpy")
     session.run("python", "bench/guard_simulation.py", "--write", "docs/guard-simulation.md", *session.posargs)
+
+
+@nox.session(name="bench-redis", python=PYTHON)
+def bench_redis(session: nox.Session) -> None:
+    """Run the Redis benchmarks (propagation of a rollback, load) and rewrite their sections of docs/benchmarks.md.
+
+    Needs a Redis: ``CANARY_BENCH_REDIS`` (default ``redis://127.0.0.1:6379/0``); each run uses its own key
+    prefix and deletes it afterwards. Arguments after ``--`` go to the propagation script (``--trials 500``).
+    """
+    session.install(".[redis]")
+    session.run("python", "bench/bench_propagation.py", "--quiet", "--write", "docs/benchmarks.md", *session.posargs)
+    session.run("python", "bench/load_redis.py", "--write", "docs/benchmarks.md")

@@ -286,7 +286,7 @@ def markdown(
             ]
         ),
         "",
-        f"**Hot path with and without Redis.** The same load in {len(rates['redis'])} runs of each kind, "
+        f"**Throughput with and without Redis.** The same load in {len(rates['redis'])} runs of each kind, "
         f"{round_seconds:g} s each, alternated (Redis, memory, memory, Redis, …) so that the other work on this "
         "shared machine weighs on both alike:",
         "",
