@@ -392,3 +392,54 @@ def test_conflict_error_is_clear_for_a_fenced_write_after_the_lease_moved(server
             router.transition("checkout", "promote", lambda s, r: s, actor="paused-controller", fence=lease)
     finally:
         router.close()
+
+
+def test_a_long_outage_keeps_step_totals_and_reports_the_chart_points_it_dropped(server: RedisServer) -> None:
+    """A long outage: the step totals still arrive whole; chart points that could not be kept are reported.
+
+    The outage outlasts the chart ring (an hour of 10 s slots); the points that left the ring before Redis
+    came back are counted in health(), not hidden.
+    """
+    now = [1_800_000_000.0]
+    prefix = new_prefix("long-outage")
+    router = Router(
+        [Rollout("checkout", steps=(50.0, 100.0))],
+        store=RedisStore(server.url, prefix=prefix, refresh_interval=0.2),
+        telemetry=None,
+        clock=lambda: now[0],
+        **FAST,  # type: ignore[arg-type]
+    )
+
+    def old(user: str) -> str:
+        return "old"
+
+    @router.canary("checkout", old=old, context_from={"user_id": "user"})
+    def new(user: str) -> str:
+        return "new"
+
+    try:
+        epoch = router.status("checkout").epoch
+        for i in range(10):
+            new(f"u{i}")
+        router.flush()
+        redis.Redis.from_url(server.url).save()
+        server.kill()
+        for slot in range(400):  # 400 slots of 10 s: more than the 360 the ring keeps
+            now[0] += 10
+            new(f"v{slot}")
+            router.sync()  # what the sync thread does every second: the flush fails, the counts stay
+        assert router.health().store_errors >= 400
+        server.start()
+        _wait(lambda: _flushed(router), 10, "a flush succeeds after the restart")
+        probe = RedisStore(server.url, prefix=prefix)
+        snapshot = probe.observations("checkout", epoch)
+        slots = probe.observation_history("checkout")
+        probe.close()
+        assert snapshot is not None
+        assert snapshot.old.requests + snapshot.new.requests == 410, "the step totals are whole"
+        health = router.health()
+        assert health.dropped_observations == 0
+        assert health.dropped_history >= 30, health
+        assert sum(sum(s.requests.values()) for s in slots) == 410 - health.dropped_history
+    finally:
+        router.close()
