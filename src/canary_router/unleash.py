@@ -474,7 +474,7 @@ class _Converter:
         if not active:  # Unleash: an enabled feature without strategies is on for everyone
             pieces.append(_Piece("everyone", [], [], 100, None))
         everyone = [p for p in pieces if not p.targeted]
-        base = max(everyone, key=lambda p: p.percent) if everyone else None
+        base = max(everyone, key=lambda p: -p.percent) if everyone else None
         base_percent = base.percent if base is not None else 0
         rules = sorted((p for p in pieces if p.targeted and p.percent > base_percent), key=lambda p: -p.percent)
         used = [p for p in ([base] if base is not None else []) + rules if p.key is not None]
