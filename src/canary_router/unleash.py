@@ -84,11 +84,16 @@ class _Piece:
     segments: list[str]
     percent: int
     key: tuple[str, tuple[str, ...]] | None
-    """``(salt, stickiness)`` when the strategy hashes users (0 < percent < 100), else ``None``."""
+    """``(salt, stickiness)`` of a percentage strategy, else ``None``."""
 
     @property
     def targeted(self) -> bool:
         return bool(self.when or self.segments)
+
+    @property
+    def hashes(self) -> bool:
+        """Whether the strategy picks users by their hash (below 100 %, the key decides who is in)."""
+        return self.key is not None and 0 < self.percent < 100
 
 
 @dataclass
@@ -438,11 +443,11 @@ class _Converter:
         if percent <= 0:
             return None
         key: tuple[str, tuple[str, ...]] | None = None
-        if percent < 100:
-            if stickiness == "random":
+        if stickiness == "random":
+            if percent < 100:
                 return f"{label}: random stickiness is not deterministic (every request draws again)"
-            attrs = STICKINESS.get(stickiness, (CONTEXT_FIELDS.get(stickiness, stickiness),))
-            key = (group, attrs)
+        elif kind not in ("default", "userWithId", "remoteAddress"):
+            key = (group, STICKINESS.get(stickiness, (CONTEXT_FIELDS.get(stickiness, stickiness),)))
         return _Piece(label, when, segments, percent, key)
 
     # -------------------------------------------------------------- features
@@ -474,11 +479,13 @@ class _Converter:
         if not active:  # Unleash: an enabled feature without strategies is on for everyone
             pieces.append(_Piece("everyone", [], [], 100, None))
         everyone = [p for p in pieces if not p.targeted]
-        base = max(everyone, key=lambda p: -p.percent) if everyone else None
+        base = max(everyone, key=lambda p: p.percent) if everyone else None
         base_percent = base.percent if base is not None else 0
         rules = sorted((p for p in pieces if p.targeted and p.percent > base_percent), key=lambda p: -p.percent)
-        used = [p for p in ([base] if base is not None else []) + rules if p.key is not None]
-        key = used[0].key if used else None
+        kept = ([base] if base is not None else []) + rules
+        used = [p for p in kept if p.hashes]
+        keyed = used or [p for p in kept if p.key is not None] or [p for p in pieces if p.key is not None]
+        key = keyed[0].key if keyed else None
         salt, stickiness = key if key is not None else (feature.name, STICKINESS["default"])
         others = {p.key for p in used if p.key != key}
         if others:
