@@ -507,9 +507,13 @@ class _Converter:
         body["steps"] = [_number(s) for s in steps]
         body["start"] = "paused"
         out_rules: list[dict[str, Any]] = []
-        labels = _Names()
+        labels: set[str] = set()
         for piece in rules:
-            rule: dict[str, Any] = {"name": labels.make(piece.label)}
+            label, counter = piece.label, 2
+            while label in labels or label == _EVERYONE_ELSE:
+                label, counter = f"{piece.label} ({counter})", counter + 1
+            labels.add(label)
+            rule: dict[str, Any] = {"name": label}
             if piece.when:
                 rule["when"] = piece.when
             if piece.segments:
