@@ -477,6 +477,12 @@ def test_feature_environments_in_the_admin_features_shape() -> None:
     assert convert(payload, environment="dev").config["rollouts"]["f"]["steps"] == [100]
 
 
+def test_an_export_without_environments_ignores_the_choice() -> None:
+    """A client API payload is one environment's already: naming the environment changes nothing."""
+    payload = {"features": [{"name": "f", "enabled": True, "strategies": [flexible(30)]}]}
+    assert convert(payload, environment="production").config == convert(payload).config
+
+
 def test_environments_must_be_chosen_when_there_are_several() -> None:
     """Several environments need a choice; an unknown one is named with the known ones."""
     export = export_of({"f": [flexible(10)]})
@@ -622,6 +628,13 @@ def test_cli_user_errors_are_one_line_and_exit_1(tmp_path: Path, content: str, a
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+
+
+def test_cli_reads_standard_input() -> None:
+    """``-`` reads the export from standard input."""
+    result = CliRunner().invoke(cli, ["import-unleash", "-"], input=json.dumps(EXPORT))
+    assert result.exit_code == 0, result.output
+    assert "new-checkout" in tomllib.loads(result.stdout)["rollouts"]
 
 
 def test_cli_missing_file_is_one_line(tmp_path: Path) -> None:

@@ -153,8 +153,8 @@ def _environments(export: Mapping[str, Any]) -> list[str]:
 def _choose_environment(export: Mapping[str, Any], environment: str | None) -> str | None:
     known = _environments(export)
     if environment is not None:
-        if not known:
-            raise _fail("environment", f"the export has no environments, but {environment!r} was asked for")
+        if not known:  # a client API payload is already one environment's, and does not say which
+            return None
         if environment not in known:
             raise _fail("environment", f"unknown environment {environment!r}", f"the export has: {', '.join(known)}")
         return environment
