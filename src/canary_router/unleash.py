@@ -293,7 +293,10 @@ class _Converter:
         inverted = raw.get("inverted") is True
         out: dict[str, Any] = {"attribute": attribute, "operator": operator}
         if operator in MULTI_VALUE_OPERATORS:
-            values = [str(v) for v in (raw.get("values") or []) if v is not None]
+            raw_values = raw.get("values") or []
+            if not isinstance(raw_values, list):
+                return f"{where}: values is not a list"
+            values = [str(v) for v in raw_values if v is not None]
             if not values and isinstance(raw.get("value"), str) and raw["value"]:
                 values = [raw["value"]]
             if not values:  # Unleash: an empty list matches no one (NOT_IN: everyone), before inverting
