@@ -227,3 +227,13 @@ def test_processes_racing_apply_exactly_one_change(store: RedisStore) -> None:
     assert current is not None
     assert current.version == 2
     assert [r.action for r in store.history("r")] == ["start", "promote"]
+
+
+def test_corrupt_data_is_a_store_error(store: RedisStore) -> None:
+    """Values that are not what the store wrote raise StoreError (which the router handles), not ValueError."""
+    store.client.hset(f"{store.prefix}:state", "r", "not json")
+    store.client.hset(f"{store.prefix}:obs:r:1", mapping={"old:r": "many", "level": "0"})
+    with pytest.raises(StoreError, match="corrupt state"):
+        store.get("r")
+    with pytest.raises(StoreError, match="corrupt observations"):
+        store.observations("r", 1)

@@ -46,6 +46,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import ChildDeadlockedError
 from redis.retry import Retry
 
 from .._throttle import Throttled
@@ -355,7 +356,7 @@ class RedisStore:
         """Turn every redis-py (and socket) failure into a StoreError that says what was being done."""
         try:
             yield
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, ChildDeadlockedError) as exc:
             raise StoreError(f"redis store ({self.prefix!r}): cannot {what}: {type(exc).__name__}: {exc}") from exc
 
     # ------------------------------------------------------------------ state
@@ -624,31 +625,10 @@ class RedisStore:
             result = self._read(keys=[step], args=[unit_base])
         if not result:
             return None
-        flat, unit_counts = result
-        fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
-        level = int(fields.get("level", "0"))
-        units = {_text(v): (int(u), int(e)) for v, u, e in unit_counts}
-        scale = 1 << level
-
-        def one(variant: str) -> VariantSnapshot:
-            histogram = [0] * _NBUCKETS
-            head = f"{variant}:h:"
-            for key, value in fields.items():
-                if key.startswith(head):
-                    index = int(key[len(head) :])
-                    if 0 <= index < _NBUCKETS:
-                        histogram[index] += int(value)
-            n_units, n_errors = units.get(variant, (0, 0))
-            return VariantSnapshot(
-                int(fields.get(f"{variant}:r", "0")),
-                int(fields.get(f"{variant}:e", "0")),
-                tuple(histogram),
-                n_units * scale,
-                n_errors * scale,
-            )
-
-        started_at = float(fields.get("started_at", "0"))
-        return StepSnapshot(rollout, epoch, started_at, one("old"), one("new"), level)
+        try:
+            return _snapshot(rollout, epoch, result)
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"redis store ({self.prefix!r}): corrupt observations of {rollout!r}: {exc}") from exc
 
     def observation_history(self, rollout: str, since: float = 0.0) -> list[HistorySlot]:
         """Return the history slots of ``rollout`` from ``since`` on, oldest first, summed across processes."""
@@ -725,6 +705,35 @@ class RedisStore:
         if self._owns_client:
             with suppress(Exception):  # closing is best effort
                 self._client.close()
+
+
+def _snapshot(rollout: str, epoch: int, result: Any) -> StepSnapshot:
+    """Build the step snapshot from the read script's answer (hash fields, unit counts per variant)."""
+    flat, unit_counts = result
+    fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+    level = int(fields.get("level", "0"))
+    units = {_text(v): (int(u), int(e)) for v, u, e in unit_counts}
+    scale = 1 << level
+
+    def one(variant: str) -> VariantSnapshot:
+        histogram = [0] * _NBUCKETS
+        head = f"{variant}:h:"
+        for key, value in fields.items():
+            if key.startswith(head):
+                index = int(key[len(head) :])
+                if 0 <= index < _NBUCKETS:
+                    histogram[index] += int(value)
+        n_units, n_errors = units.get(variant, (0, 0))
+        return VariantSnapshot(
+            int(fields.get(f"{variant}:r", "0")),
+            int(fields.get(f"{variant}:e", "0")),
+            tuple(histogram),
+            n_units * scale,
+            n_errors * scale,
+        )
+
+    started_at = float(fields.get("started_at", "0"))
+    return StepSnapshot(rollout, epoch, started_at, one("old"), one("new"), level)
 
 
 def _unit_sets(hashes: frozenset[int]) -> list[list[Any]]:
