@@ -443,3 +443,20 @@ def test_a_long_outage_keeps_step_totals_and_reports_the_chart_points_it_dropped
         assert sum(sum(s.requests.values()) for s in slots) == 410 - health.dropped_history
     finally:
         router.close()
+
+
+def test_a_hung_redis_costs_one_short_timeout_per_call(server: RedisServer) -> None:
+    """A hung Redis: a store call gives up with StoreError after its 0.5 s timeout, not later.
+
+    Redis accepts connections but answers nothing (CLIENT PAUSE).
+    """
+    store = RedisStore(server.url, prefix=new_prefix("hung"))
+    try:
+        store.ping()
+        redis.Redis.from_url(server.url).client_pause(3000)
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="Timeout"):
+            store.get("checkout")
+        assert time.monotonic() - started < 0.9
+    finally:
+        store.close()

@@ -1,8 +1,8 @@
 """A WSGI app for the pre-fork test: each request answers with the worker's pid and its decision.
 
 Built at import time, so under ``gunicorn --preload`` the router (and its store) exist before the fork.
-The store URL comes from ``CANARY_ROUTER_STORE``; ``refresh_interval`` in it is set high by the test, so
-only the change channel can bring a rollback in time.
+The store URL comes from ``CANARY_ROUTER_STORE``; ``refresh_interval`` in it is set high by the test, and
+the router's is set high here, so only the change channel can bring a change in time.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from urllib.parse import parse_qs
 from canary_router import Rollout, Router
 from canary_router.stores import open_store
 
-router = Router([Rollout("checkout", steps=(100.0,))], store=open_store(), telemetry=None)
+# the router's own periodic re-read is made rare too: only the store's change channel can be in time
+router = Router([Rollout("checkout", steps=(100.0,))], store=open_store(), telemetry=None, refresh_interval=3600)
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

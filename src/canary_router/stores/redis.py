@@ -749,9 +749,11 @@ def _unit_sets(hashes: frozenset[int]) -> list[list[Any]]:
 
 
 def _client_from_url(url: str) -> redis.Redis:
-    """A client for ``url`` with short timeouts and one quick retry, so nothing waits long on a dead Redis."""
+    """A client for ``url`` with short timeouts and one quick retry, so nothing waits long on a dead or hung Redis."""
     query = dict(parse_qsl(urlsplit(url).query))
-    options: dict[str, Any] = {"retry": Retry(NoBackoff(), 1)}
+    # one retry, on a broken connection only (a pooled connection to a Redis that restarted): a timeout is
+    # not retried, so a hung Redis costs one timeout per call
+    options: dict[str, Any] = {"retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
     if "socket_timeout" not in query:
         options["socket_timeout"] = 0.5
     if "socket_connect_timeout" not in query:
