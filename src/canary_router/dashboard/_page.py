@@ -166,6 +166,13 @@ def detail_page(ctx: PageContext, name: str, description: str) -> str:
 <ol id="steps" class="steps" aria-label="Steps"></ol>
 <p id="state-reason" class="reason"></p>
 </section>
+{_actions(ctx, name)}
+<section class="card" aria-labelledby="charts-title">
+<h2 id="charts-title">Old and new over time</h2>
+<p class="legend"><span class="key key-old">old</span> <span class="key key-new">new</span>
+<span id="chart-window" class="note"></span></p>
+<div class="charts">{charts}</div>
+</section>
 <section class="card" aria-labelledby="verdict-title">
 <h2 id="verdict-title">Verdict of the guard <span id="verdict-outcome" class="outcome"></span></h2>
 <p id="verdict-message"></p>
@@ -184,13 +191,6 @@ def detail_page(ctx: PageContext, name: str, description: str) -> str:
 </table>
 <p id="guard-settings" class="note"></p>
 </section>
-<section class="card" aria-labelledby="charts-title">
-<h2 id="charts-title">Old and new over time</h2>
-<p class="legend"><span class="key key-old">old</span> <span class="key key-new">new</span>
-<span id="chart-window" class="note"></span></p>
-<div class="charts">{charts}</div>
-</section>
-{_actions(ctx, name)}
 <section class="card" aria-labelledby="audit-title">
 <h2 id="audit-title">Audit log</h2>
 <table id="audit" class="data">

@@ -358,7 +358,7 @@
         var point = svgEl("circle", {
           cx: x.toFixed(1),
           cy: y.toFixed(1),
-          r: 2.8,
+          r: 3.2,
           "class": "point point-" + variant,
           "data-variant": variant,
           "data-start": slot.start,
