@@ -159,10 +159,21 @@ class _Request:
 def _scope_user(scope: Scope) -> str | None:
     """The host application's authenticated user (Starlette's ``AuthenticationMiddleware`` sets ``scope["user"]``)."""
     user = scope.get("user")
-    if user is None or not getattr(user, "is_authenticated", False):
+    if user is None:
         return None
-    name = getattr(user, "identity", None) or getattr(user, "display_name", None)
-    return str(name) if name else None
+    try:
+        if not getattr(user, "is_authenticated", False):
+            return None
+    except Exception:
+        return None
+    for attribute in ("identity", "username", "display_name"):
+        try:  # Starlette's BaseUser.identity raises NotImplementedError on SimpleUser
+            value = getattr(user, attribute, None)
+        except Exception:  # noqa: S112  # an odd user object: try its next attribute
+            continue
+        if value:
+            return str(value)
+    return None
 
 
 async def _read_body(receive: Receive) -> bytes | None:
