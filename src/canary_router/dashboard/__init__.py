@@ -21,12 +21,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._app import ACTIONS, Dashboard
-from ._auth import Identity
 
 if TYPE_CHECKING:
     from ..router import Router
 
-__all__ = ["ACTIONS", "Dashboard", "Identity", "serve"]
+__all__ = ["ACTIONS", "Dashboard", "serve"]
 
 
 def serve(
