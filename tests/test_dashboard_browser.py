@@ -158,7 +158,12 @@ def test_rollback_with_the_token_works_and_shows_in_the_audit_log(browser: Any, 
     _sign_in(page, base)
     page.goto(f"{base}/rollouts/checkout")
     page.locator("#audit-body tr").first.wait_for()
-    page.get_by_label("Reason, recorded in the audit log").fill("error rate up in the browser test")
+    reason = page.get_by_label("Reason, recorded in the audit log")
+    reason.fill("error rate up in the browser test")
+    version = router.status("checkout").version
+    reason.press("Enter")  # Enter must not submit (the first button would be "Promote")
+    page.wait_for_timeout(500)
+    assert router.status("checkout").version == version
     page.get_by_role("button", name="Roll back").click()
     page.get_by_text("Done: rollback by dashboard:token").wait_for(timeout=10_000)
     newest = page.locator("#audit-body tr").first

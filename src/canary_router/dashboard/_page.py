@@ -121,6 +121,8 @@ def _actions(ctx: PageContext, name: str) -> str:
     base = f"{root}/api/rollouts/{_a(name)}"
     disabled = "" if ctx.actor is not None else " disabled"
     note = "" if ctx.actor is not None else f'<p id="read-only" class="note read-only">{_a(_read_only_note(ctx))}</p>'
+    # The first submit button is the form's default: a disabled one makes Enter in the reason field do
+    # nothing, instead of promoting.
     buttons = "".join(
         f'<button type="submit" name="action" value="{key}" formaction="{base}/{key}" '
         f'class="action action-{key}" title="{_a(hint)}">{label}</button>'
@@ -135,7 +137,8 @@ def _actions(ctx: PageContext, name: str) -> str:
 <input type="hidden" name="csrf_token" value="{_a(ctx.csrf)}">
 <label for="reason">Reason, recorded in the audit log</label>
 <input id="reason" name="reason" type="text" maxlength="500" autocomplete="off">
-<div class="buttons">{buttons}</div>
+<div class="buttons"><button type="submit" class="visually-hidden" disabled hidden tabindex="-1" aria-hidden="true">
+</button>{buttons}</div>
 </fieldset>
 <p id="action-result" role="status" aria-live="polite"></p>
 </form>
