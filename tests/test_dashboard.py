@@ -20,12 +20,12 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from canary_router import Phase, Router
+from canary_router import MemoryStore, Phase, Router
 from canary_router.dashboard import Dashboard
 from canary_router.dashboard._auth import Authenticator
 from canary_router.dashboard._data import clean
 from canary_router.web import RequestInfo
-from dashboard_sim import TOKEN, FastClock, Traffic, make_router, running
+from dashboard_sim import CONFIG, TOKEN, FastClock, Traffic, make_router, running
 from webserver import ROOT, free_port, serve
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -578,3 +578,31 @@ def test_documents_are_strict_json() -> None:
         "x": [1.5, None],
         "t": [1, 2],
     }
+
+
+class _BrokenWrites(MemoryStore):
+    """A store whose writes fail once ``broken`` is set (reads keep working)."""
+
+    broken = False
+
+    def compare_and_set(self, *args: Any, **kwargs: Any) -> int:
+        if self.broken:
+            raise OSError("disk full")
+        return super().compare_and_set(*args, **kwargs)
+
+
+def test_a_store_that_cannot_write_is_503_and_the_page_still_reads() -> None:
+    """When the store refuses the write, the action is 503 with the store's reason; reading goes on."""
+    store = _BrokenWrites()
+    router = Router.from_config(CONFIG, store=store, clock=FastClock(), telemetry=None)
+    store.broken = True
+    try:
+        with running(Dashboard(router, token=TOKEN)) as base:
+            response = httpx.post(f"{base}/api/rollouts/checkout/rollback", headers=BEARER)
+            overview = httpx.get(f"{base}/api/rollouts")
+        assert response.status_code == 503
+        assert "disk full" in response.json()["error"]
+        assert overview.status_code == 200
+        assert router.status("checkout").phase is Phase.RUNNING
+    finally:
+        router.close()
