@@ -146,7 +146,7 @@
       return el("tr", { "data-rollout": item.name }, [
         nameCell,
         el("td", {}, [badge("phase", item.phase)]),
-        el("td", {}, [progress, " " + percentLabel(item.percent) + " · " + stepText]),
+        el("td", { "class": "progress-cell" }, [progress, " " + percentLabel(item.percent) + " · " + stepText]),
         el("td", { title: item.verdict.message || "" }, [badge("outcome", item.verdict.outcome)]),
         el("td", { "class": "num" }, [num(item.requests.old)]),
         el("td", { "class": "num" }, [num(item.requests["new"])]),
