@@ -68,6 +68,64 @@ def validate(files: Sequence[str], as_json: bool) -> None:
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
+@cli.command("import-unleash")
+@click.argument("export", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--environment", default=None, help="The Unleash environment to import (needed when there are several).")
+@click.option("--feature", "features", multiple=True, help="Import only this feature (repeat for several).")
+@click.option("--output", "-o", default="-", show_default=True, help="Write the config to this file ('-': stdout).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["toml", "json"]),
+    default=None,
+    help="Output format (default: from the output file's suffix, else toml).",
+)
+def import_unleash(export: str, environment: str | None, features: Sequence[str], output: str, fmt: str | None) -> None:
+    """Turn an Unleash feature export (JSON) into canary_router config, keeping every user in the same cohort.
+
+    Each rollout starts paused at the Unleash percentage, with the same salt (groupId) and stickiness, so
+    every user keeps the version Unleash gave them. What cannot be carried over exactly is printed on
+    stderr as a warning; the config is validated before it is written.
+    """
+    from pathlib import Path
+
+    from .config import load_config
+    from .unleash import convert, load_export, to_toml
+
+    def fail(message: str) -> NoReturn:
+        click.echo(f"canary-router: import-unleash: {message}", err=True)
+        sys.exit(EXIT_FAILED)
+
+    try:
+        text = sys.stdin.read() if export == "-" else Path(export).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {export}: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        conversion = convert(load_export(text, source=export), environment=environment, features=list(features) or None)
+        fmt = fmt or ("json" if output.lower().endswith(".json") else "toml")
+        if fmt == "json":
+            rendered = json.dumps(conversion.config, indent=2, ensure_ascii=False) + "\n"
+            load_config(json.loads(rendered))
+        else:
+            import tomllib
+
+            rendered = to_toml(conversion.config)
+            load_config(tomllib.loads(rendered))
+    except ConfigError as exc:
+        fail(str(exc))
+    for warning in conversion.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    count = len(conversion.config["rollouts"])
+    if output == "-":
+        click.echo(rendered, nl=False)
+    else:
+        try:
+            Path(output).write_text(rendered, encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc.strerror or exc}")
+        click.echo(f"wrote {count} rollout(s) to {output}", err=True)
+
+
 @cli.command("bucket")
 @click.argument("salt")
 @click.argument("unit_ids", nargs=-1, required=True)
