@@ -728,3 +728,16 @@ def test_a_store_module_that_is_not_installed_exits_3(config: Path) -> None:
     result = invoke(Environment(), "status", "--config", str(config), "--store", "sqlite:///x.db")
     assert result.exit_code == 3
     assert "this installation has no sqlite store" in result.stderr
+
+
+def test_cohort_at_the_first_step_of_a_shadow_rollout_serves_the_new_version(tmp_path: Path) -> None:
+    """In the shadow step everyone is served old (reason shadow); --at-step 1 answers for the first served step."""
+    path = tmp_path / "canary.toml"
+    path.write_text("[rollouts.search]\nsteps = [20, 100]\nshadow = true\n")
+    text = "\n".join(IDS[:500])
+    now = _cohort(Environment(store=MemoryStore()), path, text, "-r", "search")
+    assert {r["variant"] for r in now} == {"old"}
+    assert {r["reason"] for r in now} == {"shadow", "split"}
+    first = _cohort(Environment(store=MemoryStore()), path, text, "-r", "search", "--at-step", "1")
+    assert [r["variant"] == "new" for r in first] == [int(r["bucket"]) < 2000 for r in first]
+    assert {r["reason"] for r in first} == {"split"}

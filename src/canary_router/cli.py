@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -55,7 +55,7 @@ from .errors import (
     TransitionError,
     UnknownRolloutError,
 )
-from .model import AuditRecord, Phase, RolloutStatus
+from .model import AuditRecord, Phase, Rollout, RolloutState, RolloutStatus
 from .router import Router
 from .stores import ENV_VAR as STORE_ENV
 from .stores import MemoryStore, Store, open_store
@@ -312,7 +312,7 @@ def _open_store(env: Environment, url: str | None) -> Store:
             with contextlib.suppress(Exception):
                 store.close()
             raise CliError(f"the store {shown} does not answer: {exc}".replace(resolved, shown), EXIT_STORE) from None
-    if isinstance(store, MemoryStore):
+    if isinstance(store, MemoryStore) and not url and not os.environ.get(STORE_ENV):  # chosen by default
         _warn(
             f"the store is {shown}, which only this process sees: nothing is shared with your application "
             f"(pass --store URL or set ${STORE_ENV})"
@@ -880,13 +880,22 @@ def _what_if(
         except ConfigError:
             raise CliError(f"rollout {name!r} uses segments: pass --config so that they are known") from None
     try:
-        steps = router.rollouts[name].steps if name in router.rollouts else ()
+        _names(router, [name])
+        steps = router.rollouts[name].steps
         if step is not None:
-            if name in router.rollouts and step > len(steps):
+            if step > len(steps):
                 raise CliError(f"--at-step: rollout {name!r} has {len(steps)} steps, got {step}", EXIT_USAGE)
-            percent = steps[step - 1] if steps else None
-        if percent is not None:
-            router.set_percent(name, percent, actor="cli:cohort")
+            percent = steps[step - 1]
+        assert percent is not None  # noqa: S101  # the command passes one of the two
+        at = percent
+        index = max((i for i, p in enumerate(steps) if p <= at + 1e-9), default=-1)
+
+        def running_there(state: RolloutState, rollout: Rollout) -> RolloutState:
+            return replace(
+                state, phase=Phase.RUNNING, percent=at, step_index=index, shadow=False, epoch=state.epoch + 1
+            )
+
+        router.transition(name, "what_if", running_there, actor="cli:cohort")
         yield router
     finally:
         router.close()
