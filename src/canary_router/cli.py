@@ -187,7 +187,15 @@ def _silence_stdout() -> None:
 @click.version_option(__version__, prog_name="canary-router")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """Canary deployments inside your application: bucket users, route code paths, roll out safely."""
+    """Canary deployments inside your application: bucket users, route code paths, roll out safely.
+
+    Commands that read or change rollouts take --config PATH ($CANARY_ROUTER_CONFIG, default
+    canary.toml) and --store URL ($CANARY_ROUTER_STORE, default memory://, this process only).
+
+    Exit codes: 0 ok; 1 failed (invalid configuration or input, check failed, not confirmed); 2 usage
+    error; 3 optional dependency missing; 4 unknown rollout; 5 transition not allowed; 6 conflict (it
+    changed meanwhile, nothing applied); 7 store unreachable.
+    """
     ctx.ensure_object(Environment)
 
 
@@ -374,7 +382,7 @@ def _names(router: Router, given: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------- configuration files
 
 
-@cli.command()
+@cli.command(short_help="Check configuration files and print every problem.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def validate(files: Sequence[str], as_json: bool) -> None:
@@ -410,7 +418,7 @@ def validate(files: Sequence[str], as_json: bool) -> None:
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
-@cli.command("bucket")
+@cli.command("bucket", short_help="Print the v1 bucket of unit ids under a salt.")
 @click.argument("salt")
 @click.argument("unit_ids", nargs=-1, required=True)
 def bucket_command(salt: str, unit_ids: Sequence[str]) -> None:
@@ -445,7 +453,7 @@ def _views(router: Router, names: Sequence[str]) -> list[RolloutView]:
     ]
 
 
-@cli.command()
+@cli.command(short_help="Show every rollout: phase, step, numbers per variant, verdict.")
 @click.argument("rollouts", nargs=-1, metavar="[ROLLOUT]...")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per rollout.")
 @_router_options
@@ -464,7 +472,7 @@ def status(env: Environment, rollouts: Sequence[str], as_json: bool, config: str
             _print_status(_console(), views)
 
 
-@cli.command()
+@cli.command(short_help="Show the status live.")
 @click.argument("rollouts", nargs=-1, metavar="[ROLLOUT]...")
 @click.option(
     "--interval", default=2.0, show_default=True, type=click.FloatRange(0.05, 3600), help="Seconds between refreshes."
@@ -513,7 +521,7 @@ def watch(
             pass
 
 
-@cli.command()
+@cli.command(short_help="Show the audit log: who changed what, when, and why.")
 @click.argument("rollouts", nargs=-1, metavar="[ROLLOUT]...")
 @click.option(
     "--limit", default=20, show_default=True, type=click.IntRange(1), help="Show the newest this many transitions."
@@ -639,7 +647,7 @@ def _at(phase: str, status: RolloutStatus, index: int) -> str:
     return f"{phase} at {steps[index]:g} % (step {index + 1} of {len(steps)})"
 
 
-@cli.command()
+@cli.command(short_help="Move a rollout to its next step (or complete it).")
 @click.argument("rollout")
 @_change_options
 @click.pass_obj
@@ -661,7 +669,7 @@ def promote(env: Environment, /, rollout: str, **options: Any) -> None:
     )
 
 
-@cli.command()
+@cli.command(short_help="Freeze a rollout at its current percentage.")
 @click.argument("rollout")
 @_change_options
 @click.pass_obj
@@ -684,7 +692,7 @@ def pause(env: Environment, /, rollout: str, **options: Any) -> None:
     )
 
 
-@cli.command()
+@cli.command(short_help="Set a paused rollout running again.")
 @click.argument("rollout")
 @_change_options
 @click.pass_obj
@@ -707,7 +715,7 @@ def resume(env: Environment, /, rollout: str, **options: Any) -> None:
     )
 
 
-@cli.command()
+@cli.command(short_help="Give everyone the old version.")
 @click.argument("rollout")
 @_change_options
 @click.pass_obj
@@ -727,7 +735,7 @@ def rollback(env: Environment, /, rollout: str, **options: Any) -> None:
     )
 
 
-@cli.command()
+@cli.command(short_help="Start a rollout again at its first step.")
 @click.argument("rollout")
 @_change_options
 @click.pass_obj
@@ -763,7 +771,7 @@ def _percent(ctx: click.Context, param: click.Parameter, value: str | None) -> f
     return round(number, 2)
 
 
-@cli.command("set")
+@cli.command("set", short_help="Serve the new version to a given percentage.")
 @click.argument("rollout")
 @click.argument("percent", callback=_percent)
 @_change_options
@@ -901,9 +909,9 @@ def _what_if(
         router.close()
 
 
-@cli.command()
+@cli.command(short_help="Say which variant each id gets, now or at a step (CSV, JSON).")
 @click.argument("source", type=click.File("r", encoding="utf-8"), default="-", metavar="[FILE]")
-@click.option("--rollout", "-r", "name", required=True, help="The rollout to answer for.")
+@click.option("--rollout", "-r", "name", required=True, metavar="NAME", help="The rollout to answer for.")
 @click.option(
     "--at-percent", callback=_percent, metavar="P", help="Answer as if the rollout were running at this percentage."
 )
@@ -935,9 +943,9 @@ def cohort(
 
     FILE has one id per line (the value of the rollout's stickiness attribute, e.g. a user id); with
     --attributes, one JSON object of attributes per line. Prints CSV with the columns id, variant, bucket
-    and reason, exactly as the router decides (rules included: with ids alone, only rules on the
-    stickiness attribute can match). Without --at-percent / --at-step, the rollout's current state
-    decides (paused, rolled back and completed included).
+    and reason, exactly as the router decides. Rules apply, but with ids alone the context holds only the
+    stickiness attribute, so rules on other attributes find them missing. Without --at-percent /
+    --at-step, the rollout's current state decides (paused, rolled back and completed included).
     """
     if at_percent is not None and at_step is not None:
         raise CliError("--at-percent and --at-step exclude each other", EXIT_USAGE)
@@ -956,7 +964,7 @@ def cohort(
 # ---------------------------------------------------------------------- running: controller, dashboard, demo
 
 
-@cli.command()
+@cli.command(short_help="Run the controller: promote, pause or roll back per the guard.")
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False), metavar="[CONFIG]")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05, 3600), help="Seconds per tick.")
 @click.option(
@@ -1005,7 +1013,7 @@ DASHBOARD_TOKEN_ENV = "CANARY_ROUTER_DASHBOARD_TOKEN"  # noqa: S105  # a variabl
 """The default environment variable holding the dashboard's bearer token."""
 
 
-@cli.command()
+@cli.command(short_help="Serve the web dashboard.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
 @click.option("--port", default=8411, show_default=True, type=click.IntRange(1, 65535), help="The port to listen on.")
 @click.option(
@@ -1036,7 +1044,7 @@ def dashboard(
         serve(router, host=host, port=port, token=token)
 
 
-@cli.command()
+@cli.command(short_help="Run an automated rollout on simulated traffic.")
 @click.option(
     "--scenario",
     type=click.Choice(["healthy", "faulty"]),
@@ -1063,7 +1071,7 @@ def demo(scenario: str, users: int, seed: int, rps: int) -> None:
     sys.exit(run_demo(scenario=scenario, users=users, seed=seed, rps=rps, console=console))
 
 
-@cli.command("override-token")
+@cli.command("override-token", short_help="Print a signed tester override token.")
 @click.option("--rollout", required=True, help="The rollout the token applies to (it grants nothing elsewhere).")
 @click.option("--variant", required=True, help="The variant the holder is served: new or old.")
 @click.option("--ttl", required=True, help="How long the token is valid: 7d, 12h, 1h30m, ... (or seconds).")
