@@ -115,7 +115,7 @@ def _ms(seconds: float | None) -> str:
         return "-"
     if math.isinf(seconds):
         return "∞"
-    return f"{seconds * 1000:.1f} ms"
+    return f"{seconds * 1e6:.0f} µs" if seconds < 0.001 else f"{seconds * 1000:.1f} ms"
 
 
 class RolloutView:
