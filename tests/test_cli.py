@@ -741,3 +741,34 @@ def test_cohort_at_the_first_step_of_a_shadow_rollout_serves_the_new_version(tmp
     first = _cohort(Environment(store=MemoryStore()), path, text, "-r", "search", "--at-step", "1")
     assert [r["variant"] == "new" for r in first] == [int(r["bucket"]) < 2000 for r in first]
     assert {r["reason"] for r in first} == {"split"}
+
+
+def test_watch_on_a_terminal_redraws_in_place(config: Path) -> None:
+    """On a terminal, watch draws a live screen (cursor hidden while it runs, restored at the end)."""
+    exe = shutil.which("canary-router", path=str(Path(sys.executable).parent))
+    assert exe is not None
+    leader, follower = pty.openpty()
+    args = [exe, "watch", "--iterations", "3", "--interval", "0.05", "--config", str(config), "--store", "memory://"]
+    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
+    process = subprocess.Popen(args, stdin=follower, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    seen = b""
+    try:
+        while True:
+            if not select.select([leader], [], [], 30)[0]:
+                break
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the command ended
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert process.wait(timeout=60) == 0, seen
+    finally:
+        os.close(leader)
+    text = seen.decode()
+    assert "\x1b[?25l" in text  # cursor hidden: a live display, not lines printed one after another
+    assert "\x1b[?25h" in text
+    assert "recommender" in text
+    assert "Traceback" not in text

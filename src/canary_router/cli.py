@@ -61,7 +61,7 @@ from .stores import ENV_VAR as STORE_ENV
 from .stores import MemoryStore, Store, open_store
 from .stores.base import Versioned
 
-__all__ = ["Environment", "cli", "main"]
+__all__ = ["CliError", "Environment", "cli", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
