@@ -772,3 +772,27 @@ def test_watch_on_a_terminal_redraws_in_place(config: Path) -> None:
     assert "\x1b[?25h" in text
     assert "recommender" in text
     assert "Traceback" not in text
+
+
+def test_a_lent_store_keeps_its_kind_and_stays_open() -> None:
+    """The wrapper that keeps a lent store open is a SharedStore exactly when the lent store is one."""
+    from canary_router.cli import _lend
+    from canary_router.stores import SharedStore, Store
+
+    class PlainStore(MemoryStore):
+        """Only the Store part: no observation totals, no leases."""
+
+        add_observations = observations = observation_history = acquire_lease = release_lease = ping = None
+
+    shared = MemoryStore()
+    seen: list[str] = []
+    shared.subscribe(lambda name, versioned: seen.append(name))
+    lent = _lend(shared)
+    assert isinstance(lent, SharedStore)
+    lent.close()
+    with Router({"r": {"steps": [5, 100]}}, store=shared, telemetry=None):
+        pass
+    assert seen == ["r"]  # closing the wrapper left the store's subscribers in place
+    plain = _lend(PlainStore())
+    assert isinstance(plain, Store)
+    assert not isinstance(plain, SharedStore)

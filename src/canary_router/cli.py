@@ -56,10 +56,11 @@ from .errors import (
     UnknownRolloutError,
 )
 from .model import AuditRecord, Phase, Rollout, RolloutState, RolloutStatus
+from .observe import HistorySlot, StepSnapshot
 from .router import Router
 from .stores import ENV_VAR as STORE_ENV
 from .stores import MemoryStore, Store, open_store
-from .stores.base import Versioned
+from .stores.base import Lease, ObservationBatch, SharedStore, Versioned
 
 __all__ = ["CliError", "Environment", "cli", "main"]
 
@@ -282,14 +283,48 @@ class _Lent:
     def close(self) -> None:
         """Leave the store open: it belongs to the caller."""
 
-    def __getattr__(self, name: str) -> Any:  # the SharedStore methods, when the lent store has them
-        return getattr(self._store, name)
+
+class _LentShared(_Lent):
+    """A lent :class:`~canary_router.stores.SharedStore`: observation totals and leases pass through too."""
+
+    def __init__(self, store: SharedStore) -> None:
+        super().__init__(store)
+        self._shared = store
+
+    def add_observations(self, batch: ObservationBatch) -> None:
+        """Pass through."""
+        self._shared.add_observations(batch)
+
+    def observations(self, rollout: str, epoch: int) -> StepSnapshot | None:
+        """Pass through."""
+        return self._shared.observations(rollout, epoch)
+
+    def observation_history(self, rollout: str, since: float = 0.0) -> list[HistorySlot]:
+        """Pass through."""
+        return self._shared.observation_history(rollout, since)
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> Lease | None:
+        """Pass through."""
+        return self._shared.acquire_lease(name, owner, ttl)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Pass through."""
+        self._shared.release_lease(lease)
+
+    def ping(self) -> None:
+        """Pass through."""
+        self._shared.ping()
+
+
+def _lend(store: Store) -> Store:
+    """Wrap a store lent by the caller so that the command's router cannot close it."""
+    return _LentShared(store) if isinstance(store, SharedStore) else _Lent(store)
 
 
 def _open_store(env: Environment, url: str | None) -> Store:
     """Open the store ``url`` names (or lend ``env.store``); one clear error when it cannot be used."""
     if env.store is not None:
-        return _Lent(env.store)
+        return _lend(env.store)
     resolved = url or os.environ.get(STORE_ENV) or "memory://"
     shown = _redact(resolved)
     scheme = urlsplit(resolved).scheme.lower() if "://" in resolved else ""
