@@ -95,7 +95,7 @@ class Environment:
     ``CliRunner().invoke(cli, ["status"], obj=Environment(store=store))`` runs ``status`` on ``store``
     (a store of your own, shared with your routers) instead of the one ``--store`` names; with
     ``router=`` the commands use that router itself and ``--config`` / ``--store`` are ignored (except by
-    ``cohort --at-percent / --at-step``, which reads the configuration when it is given). A lent store
+    ``cohort --at-percent / --at-step``, which reads the configuration when there is one). A lent store
     or router is never closed by the command. ``clock`` is the clock of the routers the commands build.
     """
 
