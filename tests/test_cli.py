@@ -629,7 +629,7 @@ def test_the_installed_command_reads_config_and_store_from_the_environment(tmp_p
         check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("canary-router: error: --store: expected a URL")
+    assert result.stderr.startswith("canary-router: error: $CANARY_ROUTER_STORE: expected a URL")
     assert "Traceback" not in result.stderr
 
 
@@ -796,3 +796,18 @@ def test_a_lent_store_keeps_its_kind_and_stays_open() -> None:
     plain = _lend(PlainStore())
     assert isinstance(plain, Store)
     assert not isinstance(plain, SharedStore)
+
+
+def test_the_store_is_the_option_then_the_configuration_then_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--store wins; without it the configuration's [store] url, as Router.from_config does; then the variable."""
+    path = tmp_path / "canary.toml"
+    path.write_text(OPERATED + '\n[store]\nurl = "redis://127.0.0.1:1/0"\n')
+    monkeypatch.setenv("CANARY_ROUTER_STORE", "memory://")
+    result = invoke(Environment(), "status", "--config", str(path), "--json")
+    assert result.exit_code in (3, 7), result.output  # the configured redis: not installed, or not answering
+    assert "redis://127.0.0.1:1/0" in result.stderr or "error: [store] url: " in result.stderr
+    result = invoke(Environment(), "status", "--config", str(path), "--json", "--store", "memory://")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from canary_router import MemoryStore, Store
-from canary_router.testing import StoreConformance
+from canary_router import MemoryStore
+from canary_router.stores import SharedStore
+from canary_router.testing import SharedStoreConformance, StoreConformance
 
 
-class TestMemoryStore(StoreConformance):
-    """MemoryStore keeps the Store contract."""
+class TestMemoryStore(SharedStoreConformance):
+    """MemoryStore keeps the Store and SharedStore contracts (it is their reference implementation)."""
 
-    def make_store(self) -> Store:
+    def make_store(self) -> SharedStore:
         return MemoryStore()
 
 

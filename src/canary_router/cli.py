@@ -321,30 +321,36 @@ def _lend(store: Store) -> Store:
     return _LentShared(store) if isinstance(store, SharedStore) else _Lent(store)
 
 
-def _open_store(env: Environment, url: str | None) -> Store:
-    """Open the store ``url`` names (or lend ``env.store``); one clear error when it cannot be used."""
+def _open_store(env: Environment, url: str | None, configured: str | None = None) -> Store:
+    """Open the store (or lend ``env.store``); one clear error when it cannot be used.
+
+    The URL is ``--store``, else the configuration's ``[store] url`` (``configured``), else
+    ``$CANARY_ROUTER_STORE``, else ``memory://``: the order :meth:`Router.from_config` follows, with the
+    command line first.
+    """
     if env.store is not None:
         return _lend(env.store)
-    resolved = url or os.environ.get(STORE_ENV) or "memory://"
+    resolved = url or configured or os.environ.get(STORE_ENV) or "memory://"
+    label = "--store" if url else "[store] url" if configured else f"${STORE_ENV}"
     shown = _redact(resolved)
     scheme = urlsplit(resolved).scheme.lower() if "://" in resolved else ""
     try:
         store = open_store(resolved)
     except ConfigError as exc:
         message = exc.issues[0].message if exc.issues else str(exc)
-        raise CliError(f"--store: {message.replace(resolved, shown)}", EXIT_USAGE) from None
+        raise CliError(f"{label}: {message.replace(resolved, shown)}", EXIT_USAGE) from None
     except ModuleNotFoundError as exc:
         missing = exc.name or str(exc)
         if missing.startswith("canary_router"):
-            message = f"--store: this installation has no {scheme} store ({missing} is missing)"
+            message = f"{label}: this installation has no {scheme} store ({missing} is missing)"
             raise CliError(message, EXIT_MISSING) from None
         raise CliError(
-            f"--store: the {scheme} store needs {missing}, which is not installed: "
-            f"pip install 'canary-router[{scheme.rstrip('s') if scheme == 'rediss' else scheme}]'",
+            f"{label}: the {scheme} store needs {missing}, which is not installed: "
+            f"pip install 'canary-router[{'redis' if scheme in ('redis', 'rediss', 'unix') else scheme}]'",
             EXIT_MISSING,
         ) from None
     except ValueError as exc:
-        raise CliError(f"--store: {exc}".replace(resolved, shown), EXIT_USAGE) from None
+        raise CliError(f"{label}: {exc}".replace(resolved, shown), EXIT_USAGE) from None
     except Exception as exc:
         raise CliError(f"cannot open the store {shown}: {exc}".replace(resolved, shown), EXIT_STORE) from None
     ping = getattr(store, "ping", None)
@@ -355,7 +361,7 @@ def _open_store(env: Environment, url: str | None) -> Store:
             with contextlib.suppress(Exception):
                 store.close()
             raise CliError(f"the store {shown} does not answer: {exc}".replace(resolved, shown), EXIT_STORE) from None
-    if isinstance(store, MemoryStore) and not url and not os.environ.get(STORE_ENV):  # chosen by default
+    if isinstance(store, MemoryStore) and not (url or configured or os.environ.get(STORE_ENV)):  # by default
         _warn(
             f"the store is {shown}, which only this process sees: nothing is shared with your application "
             f"(pass --store URL or set ${STORE_ENV})"
@@ -372,7 +378,7 @@ def _router(env: Environment, config: str | None, store_url: str | None) -> Iter
     path = _config_path(config)
     assert path is not None  # noqa: S101  # required=True
     loaded = _load_config(path)
-    store = _open_store(env, store_url)
+    store = _open_store(env, store_url, loaded.store_url)
     try:
         router = Router.from_config(loaded, store=store, clock=env.clock, telemetry=None)
     except BaseException:
@@ -390,10 +396,9 @@ def _router_options(func: Callable[..., Any]) -> Callable[..., Any]:
         "--store",
         "store_url",
         metavar="URL",
-        envvar=STORE_ENV,
-        show_envvar=True,
         help="The store holding rollout state: memory://, sqlite:///path/state.db, redis://host:6379/0?prefix=app "
-        "(default: memory://, which only this process sees).",
+        f"(default: the configuration's [store] url, else ${STORE_ENV}, else memory://, which only this process "
+        "sees).",
     )(func)
     return click.option(
         "--config",
@@ -451,6 +456,64 @@ def validate(files: Sequence[str], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(results, indent=2))
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@cli.command("import-unleash", short_help="Turn an Unleash feature export into configuration.")
+@click.argument("export", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--environment", default=None, help="The Unleash environment to import (needed when there are several).")
+@click.option("--feature", "features", multiple=True, help="Import only this feature (repeat for several).")
+@click.option("--output", "-o", default="-", show_default=True, help="Write the config to this file ('-': stdout).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["toml", "json"]),
+    default=None,
+    help="Output format (default: from the output file's suffix, else toml).",
+)
+def import_unleash(export: str, environment: str | None, features: Sequence[str], output: str, fmt: str | None) -> None:
+    """Turn an Unleash feature export (JSON) into canary_router config, keeping every user in the same cohort.
+
+    Each rollout starts paused at the Unleash percentage, with the same salt (groupId) and stickiness, so
+    every user keeps the version Unleash gave them. What cannot be carried over exactly is printed on
+    stderr as a warning; the config is validated before it is written.
+    """
+    from pathlib import Path
+
+    from .config import load_config
+    from .unleash import convert, load_export, to_toml
+
+    def fail(message: str) -> NoReturn:
+        click.echo(f"canary-router: import-unleash: {message}", err=True)
+        sys.exit(EXIT_FAILED)
+
+    try:
+        text = sys.stdin.read() if export == "-" else Path(export).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {export}: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        conversion = convert(load_export(text, source=export), environment=environment, features=list(features) or None)
+        fmt = fmt or ("json" if output.lower().endswith(".json") else "toml")
+        if fmt == "json":
+            rendered = json.dumps(conversion.config, indent=2, ensure_ascii=False) + "\n"
+            load_config(json.loads(rendered))
+        else:
+            import tomllib
+
+            rendered = to_toml(conversion.config)
+            load_config(tomllib.loads(rendered))
+    except ConfigError as exc:
+        fail(str(exc))
+    for warning in conversion.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    count = len(conversion.config["rollouts"])
+    if output == "-":
+        click.echo(rendered, nl=False)
+    else:
+        try:
+            Path(output).write_text(rendered, encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc.strerror or exc}")
+        click.echo(f"wrote {count} rollout(s) to {output}", err=True)
 
 
 @cli.command("bucket", short_help="Print the v1 bucket of unit ids under a salt.")

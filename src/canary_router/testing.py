@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 from .errors import ConflictError
 from .model import AuditRecord, Observation, Phase, RolloutState, Variant
-from .stores.base import Store, Versioned
+from .stores.base import Lease, ObservationBatch, SharedStore, SlotCounts, Store, VariantCounts, Versioned
 
 if TYPE_CHECKING:
     from .router import Router
 
-__all__ = ["RecordingObserver", "StoreConformance", "force"]
+__all__ = ["RecordingObserver", "SharedStoreConformance", "StoreConformance", "force"]
 
 
 @contextmanager
@@ -224,3 +224,175 @@ class StoreConformance:
         store = self.make_store()
         store.close()
         store.close()
+
+
+def _batch(
+    name: str,
+    epoch: int = 1,
+    *,
+    old: VariantCounts | None = None,
+    new: VariantCounts | None = None,
+    level: int = 0,
+    started_at: float = 1_000.0,
+    slots: tuple[SlotCounts, ...] = (),
+) -> ObservationBatch:
+    variants = {k: v for k, v in (("old", old), ("new", new)) if v is not None}
+    return ObservationBatch(name, epoch, started_at, level, variants, slots)
+
+
+class SharedStoreConformance(StoreConformance):
+    """The :class:`~canary_router.stores.SharedStore` contract as tests (it includes :class:`StoreConformance`).
+
+    ::
+
+        class TestMySharedStore(SharedStoreConformance):
+            def make_store(self) -> SharedStore:
+                return MySharedStore(...)
+
+            def make_peer(self, store: SharedStore) -> SharedStore:
+                return MySharedStore(...)  # a second client of the same storage, as another process would open
+
+    ``make_peer`` defaults to returning ``store`` itself; override it so the tests also check that two
+    clients of one storage see each other's writes, observations and leases.
+    """
+
+    def make_store(self) -> SharedStore:
+        """Return a new, empty shared store (override this)."""
+        raise NotImplementedError
+
+    def make_peer(self, store: SharedStore) -> SharedStore:
+        """Return a second client of ``store``'s storage (default: ``store`` itself)."""
+        return store
+
+    def _pair(self) -> tuple[SharedStore, SharedStore]:
+        store = self._store()
+        assert isinstance(store, SharedStore), f"{type(store).__name__} does not implement SharedStore"
+        peer = self.make_peer(store)
+        if peer is not store:
+            self._stores = [*self._stores, peer]
+        return store, peer
+
+    def test_observations_add_up_across_clients(self) -> None:
+        """Counts added by two clients sum; histograms add per bucket; unit sets unite."""
+        store, peer = self._pair()
+        name = self._name("sum")
+        assert store.observations(name, 1) is None
+        store.add_observations(
+            _batch(
+                name,
+                old=VariantCounts(10, 1, {3: 4, 7: 6}, frozenset({2, 4}), frozenset({4})),
+                new=VariantCounts(5, 0, {3: 5}, frozenset({8}), frozenset()),
+            )
+        )
+        peer.add_observations(
+            _batch(name, old=VariantCounts(7, 2, {7: 7}, frozenset({4, 6}), frozenset({6})), started_at=900.0)
+        )
+        snap = store.observations(name, 1)
+        assert snap is not None and snap.rollout == name and snap.epoch == 1
+        assert (snap.old.requests, snap.old.errors, snap.new.requests, snap.new.errors) == (17, 3, 5, 0)
+        assert snap.old.histogram[3] == 4 and snap.old.histogram[7] == 13 and snap.new.histogram[3] == 5
+        assert sum(snap.old.histogram) == 17
+        assert (snap.old.units, snap.old.units_with_errors, snap.new.units) == (3, 2, 1)
+        assert snap.started_at == 900.0, "the earliest step start wins"
+        assert peer.observations(name, 1) == snap
+
+    def test_epochs_are_kept_apart(self) -> None:
+        """Counts of different steps (epochs) never mix."""
+        store, peer = self._pair()
+        name = self._name("epochs")
+        store.add_observations(_batch(name, 1, old=VariantCounts(3, 1)))
+        peer.add_observations(_batch(name, 2, new=VariantCounts(4, 0)))
+        one, two = store.observations(name, 1), store.observations(name, 2)
+        assert one is not None and two is not None
+        assert (one.old.requests, one.new.requests, two.old.requests, two.new.requests) == (3, 0, 0, 4)
+        assert store.observations(name, 3) is None
+
+    def test_unit_sample_level_is_the_highest_sent(self) -> None:
+        """Unit hashes outside the highest sample level are ignored and the sample is scaled up."""
+        store, _ = self._pair()
+        name = self._name("sample")
+        store.add_observations(_batch(name, old=VariantCounts(4, 0, {}, frozenset({1, 2, 3, 4}))))
+        store.add_observations(_batch(name, old=VariantCounts(2, 0, {}, frozenset({6, 8})), level=1))
+        snap = store.observations(name, 1)
+        assert snap is not None and snap.unit_sample_level == 1
+        assert snap.old.units == 4 * 2, "hashes 2, 4, 6, 8 are in the 1/2 sample: 4 × 2"
+
+    def test_history_slots_sum_by_start(self) -> None:
+        """History slots from several clients add up per slot start and variant; ``since`` filters."""
+        store, peer = self._pair()
+        name = self._name("slots")
+        store.add_observations(
+            _batch(name, slots=(SlotCounts(100.0, "old", 5, 1, {2: 5}), SlotCounts(110.0, "new", 2, 0, {3: 2})))
+        )
+        peer.add_observations(_batch(name, slots=(SlotCounts(100.0, "old", 3, 0, {2: 1, 4: 2}),)))
+        slots = store.observation_history(name)
+        assert [s.start for s in slots] == [100.0, 110.0]
+        first = slots[0]
+        assert first.requests == {"old": 8, "new": 0} and first.errors == {"old": 1, "new": 0}
+        assert first.latency["old"] == {2: 6, 4: 2}
+        assert slots[1].requests["new"] == 2
+        assert [s.start for s in peer.observation_history(name, since=105.0)] == [110.0]
+
+    def test_lease_is_exclusive_renewable_and_fenced(self) -> None:
+        """One owner at a time; renewal keeps the token; a new holder gets a higher token; release frees it."""
+        store, peer = self._pair()
+        name = self._name("lease")
+        first = store.acquire_lease(name, "a", 30.0)
+        assert first is not None and first.owner == "a"
+        assert peer.acquire_lease(name, "b", 30.0) is None
+        renewed = peer.acquire_lease(name, "a", 30.0)
+        assert renewed is not None and renewed.token == first.token
+        peer.release_lease(Lease(name, "b", first.token, 0.0))  # not the holder: nothing happens
+        assert store.acquire_lease(name, "b", 30.0) is None
+        store.release_lease(first)
+        second = peer.acquire_lease(name, "b", 30.0)
+        assert second is not None and second.token > first.token
+
+    def test_lease_expires(self) -> None:
+        """An expired lease can be taken by another owner, with a higher token."""
+        store, peer = self._pair()
+        name = self._name("expiry")
+        first = store.acquire_lease(name, "a", 0.2)
+        assert first is not None
+        time.sleep(0.4)
+        second = peer.acquire_lease(name, "b", 30.0)
+        assert second is not None and second.token > first.token
+
+    def test_fenced_write_needs_the_current_lease(self) -> None:
+        """compare_and_set(fence=lease) applies while the lease is current and conflicts once it changed hands."""
+        store, peer = self._pair()
+        name, lease_name = self._name("fenced"), self._name("fence-lease")
+        lease = store.acquire_lease(lease_name, "a", 0.3)
+        assert lease is not None
+        assert store.compare_and_set(name, None, _state(), _record(name), fence=lease) == 1
+        time.sleep(0.5)
+        taken = peer.acquire_lease(lease_name, "b", 30.0)
+        assert taken is not None
+        try:
+            store.compare_and_set(name, 1, _state(10.0), _record(name, "promote"), fence=lease)
+        except ConflictError:
+            pass
+        else:
+            raise AssertionError("a write fenced by a lost lease must raise ConflictError")
+        assert peer.compare_and_set(name, 1, _state(10.0), _record(name, "promote"), fence=taken) == 2
+        current = store.get(name)
+        assert current is not None and current.version == 2 and current.state.percent == 10.0
+
+    def test_peer_sees_writes_and_hears_changes(self) -> None:
+        """A write through one client is read and notified through the other."""
+        store, peer = self._pair()
+        name = self._name("peer")
+        heard = threading.Event()
+        unsubscribe = peer.subscribe(lambda changed, versioned: heard.set() if changed == name else None)
+        try:
+            store.compare_and_set(name, None, _state(), _record(name))
+            assert heard.wait(5), "the other client heard no change within 5 s"
+            current = peer.get(name)
+            assert current is not None and current.version == 1
+        finally:
+            unsubscribe()
+
+    def test_ping_answers(self) -> None:
+        """ping() returns when the store is reachable."""
+        store, _ = self._pair()
+        store.ping()
