@@ -811,3 +811,34 @@ def test_the_store_is_the_option_then_the_configuration_then_the_environment(
     result = invoke(Environment(), "status", "--config", str(path), "--json", "--store", "memory://")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
+
+
+def test_status_sums_the_observations_of_every_router_sharing_the_store(config: Path) -> None:
+    """Two application routers share counts through the store; status, on a router of its own, shows their sum."""
+    store = MemoryStore()
+    clock = Clock()
+    apps = [
+        Router.from_file(config, store=store, clock=clock, telemetry=None, share_observations=True) for _ in range(2)
+    ]
+    try:
+        apps[0].set_percent("recommender", 50, actor="test")
+        for app in apps:
+            _traffic(app, clock)
+            app.flush()
+        totals = store.observations("recommender", apps[0].status("recommender").epoch)
+        assert totals is not None
+        assert totals.old.requests + totals.new.requests == 8000
+
+        result = invoke(
+            Environment(store=store, clock=clock), "status", "recommender", "--json", "--config", str(config)
+        )
+
+        assert result.exit_code == 0, result.output
+        (data,) = json.loads(result.stdout)
+        assert data["variants"]["old"]["requests"] == totals.old.requests
+        assert data["variants"]["new"]["requests"] == totals.new.requests
+        assert data["variants"]["new"]["errors"] == totals.new.errors > 0
+        assert data["verdict"]["outcome"] == "fail"
+    finally:
+        for app in apps:
+            app.close()
