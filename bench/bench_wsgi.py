@@ -275,8 +275,8 @@ def build(users: Sequence[str], visitors: Sequence[str], calls: int) -> tuple[di
         ),
         Case(
             "p_trusted",
-            "piece: resolver._from_trusted_proxy(info)",
-            piece(resolver._from_trusted_proxy, infos),
+            "piece: resolver._peer(info.peer) (cached peer trust)",
+            piece(lambda i: resolver._peer(i.peer), infos),
             calls,
         ),
         Case(
