@@ -77,6 +77,7 @@ class WebOptionKeywords(TypedDict, total=False):
 
 
 _VARY = (b"vary", b"Cookie")
+_NO_HEADERS: list[_Header] = []  # shared, never written to
 _MAX_HEADER_ITEMS = 1000
 _PEER = (str, type(None))
 
@@ -328,9 +329,11 @@ def _get(scope: Scope, key: str) -> Any:
 
 def _header_send(send: Send, set_cookies: list[str], variant: str | None, vary: bool) -> Send:
     """Wrap ``send`` to add the response headers of a resolution to ``http.response.start``."""
-    extra: list[_Header] = [(b"set-cookie", cookie.encode("latin-1", "replace")) for cookie in set_cookies]
-    if variant is not None:
-        extra.append((b"canary-variant", variant.encode("latin-1", "replace")))
+    extra = _NO_HEADERS
+    if set_cookies or variant is not None:
+        extra = [(b"set-cookie", cookie.encode("latin-1", "replace")) for cookie in set_cookies]
+        if variant is not None:
+            extra.append((b"canary-variant", variant.encode("latin-1", "replace")))
 
     def send_with_headers(message: Message) -> Awaitable[None]:
         # A plain function returning the server's awaitable: no coroutine of our own per message.
@@ -348,22 +351,17 @@ def _with_headers(message: Message, extra: list[_Header], vary: bool) -> Message
     from the app leave the message as it was.
     """
     try:
-        headers: list[Any] = message.get("headers") or []
-        if type(headers) is not list:
+        headers: Any = message.get("headers") or ()
+        if type(headers) is not list and type(headers) is not tuple:  # an iterator could be read only once
             headers = list(headers)
-        if not vary:
-            headers = [*headers, *extra]
-        else:
+        if vary:
             for name, _ in headers:
                 if len(name) == 4 and name.lower() == b"vary":
-                    headers = _merge_vary(headers)
-                    headers.extend(extra)
-                    break
-            else:  # the usual case: the app sent no Vary
-                headers = [*headers, _VARY, *extra]
-        copy = dict(message)
-        copy["headers"] = headers
-        return copy
+                    merged = _merge_vary(headers)
+                    merged += extra
+                    return {**message, "headers": merged}
+            return {**message, "headers": [*headers, _VARY, *extra]}  # the usual case: the app sent no Vary
+        return {**message, "headers": [*headers, *extra]}
     except Exception:
         return message
 

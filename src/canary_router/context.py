@@ -132,7 +132,7 @@ class Context(Mapping[str, Any]):
         return Context(attrs, overrides=merged, pins=pins)
 
 
-_new = Context.__new__
+_new_context = Context.__new__
 _set_attrs = Context.__dict__["_attrs"].__set__  # the slots' own setters skip the immutability guard
 _set_overrides = Context.__dict__["_overrides"].__set__
 _set_pins = Context.__dict__["_pins"].__set__
@@ -142,7 +142,7 @@ def _make_context(
     attrs: dict[str, Any], overrides: Mapping[str, Variant] = _EMPTY, pins: Mapping[str, Variant] = _EMPTY
 ) -> Context:
     """A context that owns ``attrs`` as they are (no copy, no checks): for trusted callers that built them."""
-    context = _new(Context)
+    context = _new_context(Context)
     _set_attrs(context, attrs)
     _set_overrides(context, overrides)
     _set_pins(context, pins)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .context import Context, _make_context
+from .context import Context, _new_context, _set_attrs, _set_overrides, _set_pins
 from .model import Decision, Reason, Variant
 from .overrides import decode_pins, encode_pins, resolve_secret, sign_value, verify_token, verify_value
 
@@ -34,7 +34,7 @@ __all__ = ["RequestInfo", "Resolution", "WebOptions", "WebResolver", "parse_cook
 
 _log = logging.getLogger("canary_router")
 
-_HEX_DIGITS = "0123456789abcdef"  # a visitor id is 32 of these
+_VISITOR_ID = re.compile(r"[0-9a-f]{32}").fullmatch  # 128 random bits as lower-case hex
 _MAX_COOKIE_HEADER = 8192
 _MAX_HEADER = 4096
 _MAX_ATTRIBUTE = 512
@@ -406,121 +406,115 @@ class WebResolver:
         user_id: str | None,
         info: RequestInfo | None = None,
     ) -> _Parts:
-        """:meth:`resolve` from the request's fields (an adapter need not build a :class:`RequestInfo`)."""
+        """:meth:`resolve` from the request's fields (an adapter need not build a :class:`RequestInfo`); never raises.
+
+        One function on purpose: it runs on every request, and each call saved is a measurable share of it.
+        """
         try:
-            return self._resolve_parts(method, path, scheme, query, peer, headers, user_id, info)
+            opts = self.options
+            key = self._key
+            cookies: Mapping[str, str] = _NO_COOKIES
+            if self._cookie_keys:
+                cookie_header = headers.get("cookie")
+                if cookie_header:
+                    cookies = _find_cookies(cookie_header, self._cookie_keys)
+            set_cookies: list[str] = []
+            if peer is None:
+                client: str | None = None
+                trusted = False
+            else:
+                cached = self._peers.get(peer)
+                client, trusted = cached if cached is not None else self._peer(peer)
+                if trusted and "x-forwarded-for" in headers:
+                    client = self._forwarded_client(client, headers)
+
+            attrs: dict[str, Any] = {}
+            user = user_id
+            if user is None and trusted and opts.user_header:
+                value = headers.get(opts.user_header)
+                if value and len(value) <= _MAX_ATTRIBUTE and value.isprintable():
+                    user = value
+            if user is None and opts.user_cookie:
+                signed = cookies.get(opts.user_cookie)
+                if signed:
+                    user = verify_value(key, "user", signed)
+                    if user is None:
+                        self._count("malformed_input")
+            if user is not None and user != "":
+                attrs["user_id"] = user
+
+            visitor_cookie = opts.visitor_cookie
+            if visitor_cookie:
+                visitor = cookies.get(visitor_cookie)
+                if visitor is None or _VISITOR_ID(visitor) is None:
+                    if visitor is not None:
+                        self._count("malformed_input")
+                    visitor = secrets.token_hex(16)
+                    secure = scheme == "https" or scheme == "wss"  # noqa: PLR1714  # no tuple on the hot path
+                    set_cookies.append(self._cookie(visitor_cookie, visitor, opts.visitor_max_age, secure))
+                attrs["session_id"] = visitor
+
+            attrs["path"] = path[:_MAX_ATTRIBUTE]
+            attrs["method"] = method
+            host = headers.get("host")
+            if host:
+                attrs["host"] = host[:_MAX_ATTRIBUTE]
+            if client:
+                attrs["client_ip"] = client
+            agent = headers.get("user-agent")
+            if agent:
+                attrs["user_agent"] = agent[:_MAX_ATTRIBUTE]
+            language = headers.get("accept-language")
+            if language:
+                first = self._languages.get(language)
+                if first is None:
+                    first = self._language(language)
+                if first:
+                    attrs["accept_language"] = first
+            if trusted:
+                for attribute, header in self._geo:
+                    value = headers.get(header)
+                    if value and len(value) <= 64 and value.isprintable():
+                        attrs[attribute] = value.strip()
+            if opts.attributes is not None:
+                if info is None:
+                    info = RequestInfo(method, path, scheme, query, peer, headers, user_id)
+                try:
+                    attrs.update(opts.attributes(info))
+                except Exception as exc:
+                    self.router._warn("web-attributes", f"the attributes callable failed: {exc!r}")
+
+            overrides: Mapping[str, Variant] = _NO_VARIANTS
+            if key is not None and (
+                (opts.override_cookie in cookies)
+                or (opts.override_header and opts.override_header in headers)
+                or (opts.override_query and opts.override_query in query)
+            ):
+                overrides = self._overrides(query, headers, cookies, set_cookies, scheme in ("https", "wss"))
+            context = _new_context(Context)
+            _set_attrs(context, attrs)
+            _set_overrides(context, overrides)
+            if not self._eager:
+                _set_pins(context, _NO_VARIANTS)
+                return context, LazyDecisions(self.router, context, self._names), set_cookies, None
+            pins: Mapping[str, Variant] = _NO_VARIANTS
+            pin_kind = ""
+            if opts.affinity:
+                pins, pin_kind = self._read_pins(cookies, attrs)
+            _set_pins(context, pins)  # decide() serves them (after a rollback or completion)
+            decide = self.router.decide
+            decisions = {name: decide(name, context) for name in self._names}
+            if opts.affinity:
+                self._update_pins(decisions, pins, pin_kind, set_cookies, scheme in ("https", "wss"))
+            variant: str | None = None
+            if opts.variant_header:
+                variant = ", ".join(f"{name}={d.variant}" for name, d in decisions.items())
+            return context, decisions, set_cookies, variant
         except Exception as exc:  # pragma: no cover - defensive: a request must never fail because of us
             self._count("errors")
             self.router._warn("web", f"request resolution failed, serving 'old': {exc!r}")
             context = Context()
             return context, LazyDecisions(self.router, context, self._names), [], None
-
-    def _resolve_parts(
-        self,
-        method: str,
-        path: str,
-        scheme: str,
-        query: str,
-        peer: str | None,
-        headers: Mapping[str, str],
-        user_id: str | None,
-        info: RequestInfo | None,
-    ) -> _Parts:
-        opts = self.options
-        key = self._key
-        cookie_keys = self._cookie_keys
-        cookies: Mapping[str, str] = _NO_COOKIES
-        if cookie_keys:
-            cookie_header = headers.get("cookie")
-            if cookie_header:
-                cookies = _find_cookies(cookie_header, cookie_keys)
-        set_cookies: list[str] = []
-        if peer is None:
-            client: str | None = None
-            trusted = False
-        else:
-            cached = self._peers.get(peer)
-            client, trusted = cached if cached is not None else self._peer(peer)
-            if trusted and "x-forwarded-for" in headers:
-                client = self._forwarded_client(client, headers)
-
-        attrs: dict[str, Any] = {}
-        user = user_id
-        if user is None and trusted and opts.user_header:
-            value = headers.get(opts.user_header)
-            if value and len(value) <= _MAX_ATTRIBUTE and value.isprintable():
-                user = value
-        if user is None and opts.user_cookie:
-            signed = cookies.get(opts.user_cookie)
-            if signed:
-                user = verify_value(key, "user", signed)
-                if user is None:
-                    self._count("malformed_input")
-        if user is not None and user != "":
-            attrs["user_id"] = user
-
-        visitor_cookie = opts.visitor_cookie
-        if visitor_cookie:
-            visitor = cookies.get(visitor_cookie)
-            if visitor is None or len(visitor) != 32 or visitor.strip(_HEX_DIGITS):
-                if visitor is not None:
-                    self._count("malformed_input")
-                visitor = secrets.token_hex(16)
-                secure = scheme == "https" or scheme == "wss"  # noqa: PLR1714  # no tuple on the hot path
-                set_cookies.append(self._cookie(visitor_cookie, visitor, opts.visitor_max_age, secure))
-            attrs["session_id"] = visitor
-
-        attrs["path"] = path[:_MAX_ATTRIBUTE]
-        attrs["method"] = method
-        host = headers.get("host")
-        if host:
-            attrs["host"] = host[:_MAX_ATTRIBUTE]
-        if client:
-            attrs["client_ip"] = client
-        agent = headers.get("user-agent")
-        if agent:
-            attrs["user_agent"] = agent[:_MAX_ATTRIBUTE]
-        language = headers.get("accept-language")
-        if language:
-            first = self._language(language)
-            if first:
-                attrs["accept_language"] = first
-        if trusted:
-            for attribute, header in self._geo:
-                value = headers.get(header)
-                if value and len(value) <= 64 and value.isprintable():
-                    attrs[attribute] = value.strip()
-        if opts.attributes is not None:
-            if info is None:
-                info = RequestInfo(method, path, scheme, query, peer, headers, user_id)
-            try:
-                attrs.update(opts.attributes(info))
-            except Exception as exc:
-                self.router._warn("web-attributes", f"the attributes callable failed: {exc!r}")
-
-        overrides: Mapping[str, Variant] = _NO_VARIANTS
-        if key is not None and (
-            (opts.override_cookie in cookies)
-            or (opts.override_header and opts.override_header in headers)
-            or (opts.override_query and opts.override_query in query)
-        ):
-            overrides = self._overrides(query, headers, cookies, set_cookies, scheme in ("https", "wss"))
-        if not self._eager:
-            context = _make_context(attrs, overrides)
-            return context, LazyDecisions(self.router, context, self._names), set_cookies, None
-        pins: Mapping[str, Variant] = _NO_VARIANTS
-        pin_kind = ""
-        if opts.affinity:
-            pins, pin_kind = self._read_pins(cookies, attrs)
-        context = _make_context(attrs, overrides, pins)  # decide() serves the pins (after a rollback or completion)
-        decide = self.router.decide
-        decisions = {name: decide(name, context) for name in self._names}
-        if opts.affinity:
-            self._update_pins(decisions, pins, pin_kind, set_cookies, scheme in ("https", "wss"))
-        variant: str | None = None
-        if opts.variant_header:
-            variant = ", ".join(f"{name}={d.variant}" for name, d in decisions.items())
-        return context, decisions, set_cookies, variant
 
     def _overrides(
         self, query: str, headers: Mapping[str, str], cookies: Mapping[str, str], set_cookies: list[str], secure: bool
