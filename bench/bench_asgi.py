@@ -50,7 +50,7 @@ from starlette.routing import Route
 import benchlib
 import canary_router
 from canary_router.asgi import CanaryMiddleware
-from canary_router.web import RequestInfo, Resolution, WebResolver
+from canary_router.web import RequestInfo, WebResolver
 
 SECTION = "asgi"
 """The name in the markers of this script's section of docs/benchmarks.md."""
