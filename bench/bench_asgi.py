@@ -481,7 +481,7 @@ def markdown(rows: list[Row], env: dict[str, Any], structure: str) -> str:
         overhead, target = benchlib.fmt_us(r.overhead_us), benchlib.fmt_target(r.target_us)
         cells = [r.label, benchlib.fmt_us(r.median_us), spread, overhead, target, benchlib.markdown_status(r.status)]
         lines.append(benchlib.markdown_row(cells))
-    lines.append("")
+    lines += ["", structure, ""]
     lines += benchlib.environment_lines(env, f"canary_router {env['canary_router']}, Starlette {env['starlette']}")
     lines += [
         f"- Method: in process, no server; {env['rounds']} rounds after {env['warmup']} warm-up rounds, each "
