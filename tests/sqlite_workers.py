@@ -1,0 +1,81 @@
+"""Process entry points for the SQLite store tests (importable by ``multiprocessing`` spawn children)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from canary_router import ConflictError
+from canary_router.model import AuditRecord, Phase, RolloutState
+from canary_router.stores import ObservationBatch, SlotCounts, VariantCounts
+from canary_router.stores.sqlite import SQLiteStore
+
+
+def state(percent: float) -> RolloutState:
+    """A running state at ``percent``."""
+    return RolloutState(Phase.RUNNING, 0, percent, 1_000.0, "test", "tester", 1, 1_000.0)
+
+
+def record(name: str, percent: float) -> AuditRecord:
+    """An audit record of a change to ``percent``."""
+    return AuditRecord(1_000.0, name, "tester", "set", "running", "running", 5.0, percent, "test")
+
+
+def race(path: str, name: str, index: int, barrier: Any, results: Any) -> None:
+    """Wait for every racer, then try to move ``name`` from version 1; report "ok" or "conflict"."""
+    store = SQLiteStore(path)
+    try:
+        barrier.wait(30)
+        try:
+            store.compare_and_set(name, 1, state(10.0 + index), record(name, 10.0 + index))
+            results.put((index, "ok"))
+        except ConflictError:
+            results.put((index, "conflict"))
+    finally:
+        store.close()
+
+
+def add_counts(path: str, name: str, index: int, batches: int, barrier: Any) -> None:
+    """Add ``batches`` known batches of observations to epoch 1 of ``name`` (unit hashes unique per process)."""
+    store = SQLiteStore(path)
+    try:
+        barrier.wait(30)
+        for b in range(batches):
+            unit = (index * 1_000 + b) * 4  # multiples of 4: in every sample up to level 2
+            store.add_observations(
+                ObservationBatch(
+                    name,
+                    1,
+                    1_000.0 + index,
+                    0,
+                    {
+                        "old": VariantCounts(3, 1, {10: 2, 20: 1}, frozenset({unit}), frozenset({unit})),
+                        "new": VariantCounts(2, 0, {10: 2}, frozenset({unit + 2}), frozenset()),
+                    },
+                    (SlotCounts(100.0 + 10 * (b % 3), "old", 3, 1, {1: 3}),),
+                )
+            )
+    finally:
+        store.close()
+
+
+def listen(path: str, name: str, ready: Any, heard: Any) -> None:
+    """Subscribe to the store and report the time each change of ``name`` is heard, until version 3."""
+    store = SQLiteStore(path, poll_interval=0.02)
+
+    def on_change(changed: str, versioned: Any) -> None:
+        if changed == name:
+            heard.put((versioned.version, time.time()))
+
+    store.subscribe(on_change)
+    ready.set()
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            current = store.get(name)
+            if current is not None and current.version >= 3:
+                time.sleep(0.2)
+                return
+            time.sleep(0.05)
+    finally:
+        store.close()
