@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,303 @@ class TestSQLiteStore(SharedStoreConformance):
     def make_peer(self, store: SharedStore) -> SharedStore:
         assert isinstance(store, SQLiteStore)
         return SQLiteStore(store.path, poll_interval=0.02)
+
+
+# ------------------------------------------------------------------------------------------ opening
+
+
+def test_url_forms_follow_sqlalchemy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlite:///name.db is relative to the working directory, sqlite:////abs/name.db is absolute; options parse."""
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("sqlite:///relative.db?poll_interval=0.02&max_history=7")
+    absolute = open_store(f"sqlite:///{tmp_path}/absolute.db")
+    try:
+        assert isinstance(relative, SQLiteStore)
+        assert isinstance(absolute, SQLiteStore)
+        assert relative.path == Path("relative.db")
+        assert (tmp_path / "relative.db").exists()
+        assert relative._poll_interval == 0.02
+        assert relative._max_history == 7
+        assert absolute.path == tmp_path / "absolute.db"
+        assert absolute.path.is_absolute()
+    finally:
+        relative.close()
+        absolute.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("sqlite://host/state.db", "no host"),
+        ("sqlite:///", "needs a file"),
+        ("sqlite:///:memory:", "needs a file"),
+        ("sqlite:///state.db?poll=1", "store.poll"),
+        ("sqlite:///state.db?poll_interval=fast", "store.poll_interval"),
+        ("sqlite:///state.db?poll_interval=0", "poll_interval must be > 0"),
+    ],
+)
+def test_bad_urls_are_config_errors(url: str, fragment: str) -> None:
+    """A URL the store cannot use raises ConfigError saying what is wrong."""
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        SQLiteStore.from_url(url)
+
+
+def test_missing_directory_is_a_store_error_naming_it(tmp_path: Path) -> None:
+    """The file is created, its directory is not: the error names the directory."""
+    missing = tmp_path / "nowhere" / "state.db"
+    with pytest.raises(StoreError, match=r"nowhere.* does not exist"):
+        SQLiteStore(missing)
+
+
+def test_sqlite_failures_surface_as_store_errors(tmp_path: Path) -> None:
+    """A file that is not a database gives StoreError, never a raw sqlite3 error."""
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"garbage\.db") as caught:
+        SQLiteStore(path)
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+def test_a_closed_store_raises_store_error(tmp_path: Path) -> None:
+    """Using a store after close() raises StoreError."""
+    store = SQLiteStore(tmp_path / "state.db")
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.get("checkout")
+
+
+def test_file_is_in_wal_mode(tmp_path: Path) -> None:
+    """The database is switched to WAL mode (readers never block the writer)."""
+    store = SQLiteStore(tmp_path / "state.db")
+    try:
+        with sqlite3.connect(tmp_path / "state.db") as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------------------------------ bounds
+
+
+def test_audit_log_is_bounded_per_rollout(tmp_path: Path) -> None:
+    """Only the newest max_history audit records are kept."""
+    store = SQLiteStore(tmp_path / "state.db", max_history=3)
+    try:
+        store.compare_and_set("a", None, sqlite_workers.state(5.0), sqlite_workers.record("a", 5.0))
+        for version in range(1, 8):
+            store.compare_and_set("a", version, sqlite_workers.state(5.0), sqlite_workers.record("a", 5.0))
+        assert [r.version for r in store.history("a")] == [6, 7, 8]
+        with sqlite3.connect(tmp_path / "state.db") as conn:
+            assert conn.execute("SELECT count(*) FROM audit").fetchone()[0] == 3
+    finally:
+        store.close()
+
+
+def test_old_epochs_and_slots_are_deleted(tmp_path: Path) -> None:
+    """Totals of more than keep_epochs steps and more than max_slots slot starts are not kept."""
+    from canary_router.stores import ObservationBatch, SlotCounts, VariantCounts
+
+    store = SQLiteStore(tmp_path / "state.db", keep_epochs=2, max_slots=3)
+    try:
+        for epoch in range(1, 6):
+            slot = SlotCounts(10.0 * epoch, "old", 1, 0, {1: 1})
+            store.add_observations(ObservationBatch("a", epoch, 0.0, 0, {"old": VariantCounts(1)}, (slot,)))
+        assert [store.observations("a", e) is not None for e in range(1, 6)] == [False, False, False, True, True]
+        assert [s.start for s in store.observation_history("a")] == [30.0, 40.0, 50.0]
+    finally:
+        store.close()
+
+
+def test_a_higher_sample_level_drops_hashes_outside_the_sample(tmp_path: Path) -> None:
+    """When a client samples units at a higher level, the stored hashes outside that sample are deleted."""
+    from canary_router.stores import ObservationBatch, VariantCounts
+
+    store = SQLiteStore(tmp_path / "state.db")
+    try:
+        store.add_observations(
+            ObservationBatch("a", 1, 0.0, 0, {"old": VariantCounts(4, 0, {}, frozenset({1, 2, 3, 4}))})
+        )
+        store.add_observations(ObservationBatch("a", 1, 0.0, 2, {"old": VariantCounts(1, 0, {}, frozenset({8}))}))
+        store.add_observations(ObservationBatch("a", 1, 0.0, 0, {"old": VariantCounts(1, 0, {}, frozenset({5, 12}))}))
+        with sqlite3.connect(tmp_path / "state.db") as conn:
+            assert sorted(h for (h,) in conn.execute("SELECT hash FROM units")) == [4, 8, 12]
+        snap = store.observations("a", 1)
+        assert snap is not None
+        assert snap.unit_sample_level == 2
+        assert snap.old.units == 3 * 4
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def test_racing_processes_apply_exactly_one_change(tmp_path: Path) -> None:
+    """Six spawned processes CAS from the same version at once: one applies, five get ConflictError."""
+    path = str(tmp_path / "state.db")
+    store = SQLiteStore(path)
+    store.compare_and_set("race", None, sqlite_workers.state(5.0), sqlite_workers.record("race", 5.0))
+    racers = 6
+    barrier, results = SPAWN.Barrier(racers), SPAWN.Queue()
+    processes = [
+        SPAWN.Process(target=sqlite_workers.race, args=(path, "race", i, barrier, results)) for i in range(racers)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = dict(results.get(timeout=60) for _ in range(racers))
+    for process in processes:
+        process.join(30)
+        assert process.exitcode == 0
+    try:
+        assert sorted(outcomes.values()) == ["conflict"] * (racers - 1) + ["ok"]
+        winner = next(i for i, outcome in outcomes.items() if outcome == "ok")
+        current = store.get("race")
+        assert current is not None
+        assert current.version == 2
+        assert current.state.percent == 10.0 + winner
+        assert [r.version for r in store.history("race")] == [1, 2]
+    finally:
+        store.close()
+
+
+def test_observations_from_several_processes_add_up(tmp_path: Path) -> None:
+    """Four processes add 25 known batches each, concurrently: the totals are exactly the sum."""
+    path = str(tmp_path / "state.db")
+    workers, batches = 4, 25
+    barrier = SPAWN.Barrier(workers)
+    processes = [
+        SPAWN.Process(target=sqlite_workers.add_counts, args=(path, "sum", i, batches, barrier)) for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    store = SQLiteStore(path)
+    try:
+        snap = store.observations("sum", 1)
+        n = workers * batches
+        assert snap is not None
+        assert snap.started_at == 1_000.0
+        assert (snap.old.requests, snap.old.errors, snap.new.requests, snap.new.errors) == (3 * n, n, 2 * n, 0)
+        assert (snap.old.histogram[10], snap.old.histogram[20], snap.new.histogram[10]) == (2 * n, n, 2 * n)
+        assert (snap.old.units, snap.old.units_with_errors, snap.new.units) == (n, n, n)
+        slots = store.observation_history("sum")
+        assert [s.start for s in slots] == [100.0, 110.0, 120.0]
+        assert sum(s.requests["old"] for s in slots) == 3 * n
+        assert sum(s.latency["old"][1] for s in slots) == 3 * n
+    finally:
+        store.close()
+
+
+def test_another_process_hears_a_change_within_250ms(tmp_path: Path) -> None:
+    """A subscriber in another process is called within 250 ms of each compare-and-set returning here."""
+    path = str(tmp_path / "state.db")
+    store = SQLiteStore(path)
+    store.compare_and_set("heard", None, sqlite_workers.state(5.0), sqlite_workers.record("heard", 5.0))
+    ready, heard = SPAWN.Event(), SPAWN.Queue()
+    process = SPAWN.Process(target=sqlite_workers.listen, args=(path, "heard", ready, heard))
+    process.start()
+    try:
+        assert ready.wait(30)
+        delays = []
+        for version in (1, 2):
+            time.sleep(0.1)
+            store.compare_and_set("heard", version, sqlite_workers.state(10.0), sqlite_workers.record("heard", 10.0))
+            written = time.time()
+            got_version, at = heard.get(timeout=10)
+            assert got_version == version + 1
+            delays.append(at - written)
+        assert max(delays) < 0.25, delays
+    finally:
+        process.join(30)
+        store.close()
+    assert process.exitcode == 0
+
+
+def _forked(child: Callable[[], int]) -> int:
+    """Run ``child`` in a forked process; return its exit status (1 when it raised)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # forking a process with threads
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_store_made_before_fork_works_in_the_child(tmp_path: Path) -> None:
+    """The child opens its own connection: it reads, writes (CAS) and adds observations; the parent sees them."""
+    store = SQLiteStore(tmp_path / "state.db")
+    store.compare_and_set("fork", None, sqlite_workers.state(5.0), sqlite_workers.record("fork", 5.0))
+    parent_conn = store._conn
+
+    def child() -> int:
+        current = store.get("fork")
+        assert current is not None
+        assert current.version == 1
+        assert store._conn is not parent_conn
+        store.compare_and_set("fork", 1, sqlite_workers.state(25.0), sqlite_workers.record("fork", 25.0))
+        try:
+            store.compare_and_set("fork", 1, sqlite_workers.state(50.0), sqlite_workers.record("fork", 50.0))
+        except ConflictError:
+            return 0
+        return 2
+
+    try:
+        assert _forked(child) == 0
+        assert store.get("fork") == (sqlite_workers.state(25.0), 2)
+        assert store._conn is parent_conn, "the parent keeps its connection"
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_subscribers_keep_hearing_changes_after_fork(tmp_path: Path) -> None:
+    """A store subscribed before fork restarts its watcher in the child, which hears the parent's writes."""
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path, poll_interval=0.02)
+    store.compare_and_set("watch", None, sqlite_workers.state(5.0), sqlite_workers.record("watch", 5.0))
+    heard: list[int] = []
+    event = threading.Event()
+
+    def on_change(name: str, versioned: Versioned) -> None:
+        if name == "watch":
+            heard.append(versioned.version)
+            event.set()
+
+    store.subscribe(on_change)
+    read_end, write_end = os.pipe()
+
+    def child() -> int:
+        os.close(write_end)
+        os.read(read_end, 1)  # the parent has written version 2
+        if not event.wait(5):
+            return 3
+        return 0 if heard == [2] else 4
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    os.close(read_end)
+    try:
+        other = SQLiteStore(path)
+        other.compare_and_set("watch", 1, sqlite_workers.state(10.0), sqlite_workers.record("watch", 10.0))
+        other.close()
+        os.write(write_end, b"x")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(write_end)
+        store.close()
