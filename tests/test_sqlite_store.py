@@ -12,13 +12,15 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 import sqlite_workers
-from canary_router import ConfigError, ConflictError, StoreError
+from canary_router import ConfigError, ConflictError, Rollout, Router, StoreError
 from canary_router.stores import SharedStore, Versioned, open_store
 from canary_router.stores.sqlite import SQLiteStore
 from canary_router.testing import SharedStoreConformance
+from webserver import free_port, python_module, serve
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -349,3 +351,40 @@ def test_rollback_reaches_four_processes_within_a_second_p99() -> None:
     delays = bench.run(20, processes=4, seed=7)
     assert len(delays) == 20
     assert bench.percentile(delays, 99) < 1.0, delays
+
+
+def _served(base: str, pids: dict[int, str]) -> None:
+    """Ask once; note which variant the answering worker served."""
+    variant, pid = httpx.get(f"{base}/decide?user=user-1", timeout=5).text.split()
+    pids[int(pid)] = variant
+
+
+def test_gunicorn_preload_workers_keep_receiving_updates(tmp_path: Path) -> None:
+    """A real gunicorn --preload with 3 workers on sqlite:///: after a rollback here, every worker serves "old".
+
+    The store and its watcher are made in the master before the fork; each worker must restart its
+    watcher to hear the change (a worker that did not would keep serving "new").
+    """
+    path = tmp_path / "state.db"
+    port = free_port()
+    command = python_module(
+        "gunicorn", "--preload", "-w", "3", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", "sqlite_app:app"
+    )
+    env = {"CANARY_ROUTER_STORE": f"sqlite:///{path}"}
+    with serve(command, port, cwd=Path(__file__).resolve().parent, env=env) as base:
+        pids: dict[int, str] = {}
+        deadline = time.monotonic() + 30
+        while len(pids) < 3 or set(pids.values()) != {"new"}:
+            assert time.monotonic() < deadline, f'not every worker answered "new": {pids}'
+            _served(base, pids)
+        router = Router([Rollout("checkout", steps=(100.0,))], store=SQLiteStore(path), telemetry=None)
+        try:
+            router.rollback("checkout", reason="gunicorn test")
+            pids = dict.fromkeys(pids, "new")
+            deadline = time.monotonic() + 10
+            while set(pids.values()) != {"old"}:
+                assert time.monotonic() < deadline, f'not every worker served "old" within 10 s: {pids}'
+                _served(base, pids)
+        finally:
+            router.close()
+    assert len(pids) == 3
