@@ -14,12 +14,14 @@ from .base import (
     snapshot_from_counts,
 )
 from .memory import MemoryStore
+from .sqlite import SQLiteStore
 
 __all__ = [
     "ENV_VAR",
     "Lease",
     "MemoryStore",
     "ObservationBatch",
+    "SQLiteStore",
     "SharedStore",
     "SlotCounts",
     "Store",
