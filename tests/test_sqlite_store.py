@@ -166,6 +166,23 @@ def test_a_higher_sample_level_drops_hashes_outside_the_sample(tmp_path: Path) -
         store.close()
 
 
+def test_unit_hashes_are_capped_by_halving_the_sample(tmp_path: Path) -> None:
+    """Beyond max_units hashes per variant the store raises the sample level until it is under the cap."""
+    from canary_router.stores import ObservationBatch, VariantCounts
+
+    store = SQLiteStore(tmp_path / "state.db", max_units=100)
+    try:
+        hashes = frozenset(range(400))  # 400 > 100: level 2 keeps the 100 multiples of 4
+        store.add_observations(ObservationBatch("a", 1, 0.0, 0, {"new": VariantCounts(400, 0, {}, hashes)}))
+        snap = store.observations("a", 1)
+        assert snap is not None
+        assert (snap.unit_sample_level, snap.new.units) == (2, 400)
+        with sqlite3.connect(tmp_path / "state.db") as conn:
+            assert conn.execute("SELECT count(*) FROM units").fetchone()[0] == 100
+    finally:
+        store.close()
+
+
 # ------------------------------------------------------------------------------------------ processes
 
 

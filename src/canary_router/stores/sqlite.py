@@ -82,6 +82,7 @@ _URL_OPTIONS = {
     "max_history": int,
     "max_slots": int,
     "keep_epochs": int,
+    "max_units": int,
 }
 
 _ABANDONED: list[sqlite3.Connection] = []
@@ -101,8 +102,9 @@ class SQLiteStore:
     NFS or SMB). ``poll_interval`` is the seconds between two checks for changes made by other processes,
     ``busy_timeout`` the seconds a write waits for another process's write before failing.
     ``max_history`` audit records, ``max_slots`` history time slots and ``keep_epochs`` steps of
-    observation totals are kept per rollout (the oldest are deleted). ``clock`` (POSIX seconds) times
-    lease expiry.
+    observation totals are kept per rollout (the oldest are deleted); beyond ``max_units`` distinct unit
+    hashes per variant and step, the unit sample is halved (as a router's own sample is). ``clock``
+    (POSIX seconds) times lease expiry.
 
     Thread-safe and fork-safe: a process that inherits the store through ``fork()`` opens connections
     of its own and restarts the change watcher. Every SQLite failure is raised as
@@ -118,14 +120,15 @@ class SQLiteStore:
         max_history: int = 1000,
         max_slots: int = 8640,
         keep_epochs: int = 4,
+        max_units: int = 50_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
         if not busy_timeout >= 0:
             raise ValueError(f"busy_timeout must be >= 0, got {busy_timeout!r}")
-        if max_history < 1 or max_slots < 1 or keep_epochs < 1:
-            raise ValueError("max_history, max_slots and keep_epochs must be at least 1")
+        if max_history < 1 or max_slots < 1 or keep_epochs < 1 or max_units < 1:
+            raise ValueError("max_history, max_slots, keep_epochs and max_units must be at least 1")
         self._path = Path(path)
         if str(path) in ("", ":memory:") or str(path).startswith("file:"):
             raise ValueError(f"SQLiteStore needs a file path shared by the processes, got {str(path)!r}")
@@ -139,6 +142,7 @@ class SQLiteStore:
         self._max_history = max_history
         self._max_slots = max_slots
         self._keep_epochs = keep_epochs
+        self._max_units = max_units
         self._clock = clock
         self._closed = False
         self._subscribers: tuple[Callable[[str, Versioned], None], ...] = ()
@@ -167,7 +171,7 @@ class SQLiteStore:
         - ``sqlite:///state.db`` — ``state.db`` relative to the working directory (three slashes);
         - ``sqlite:////var/run/app/state.db`` — the absolute path ``/var/run/app/state.db`` (four slashes);
         - query options: ``poll_interval``, ``busy_timeout`` (seconds), ``max_history``, ``max_slots``,
-          ``keep_epochs``, e.g. ``sqlite:///state.db?poll_interval=0.02``.
+          ``keep_epochs``, ``max_units``, e.g. ``sqlite:///state.db?poll_interval=0.02``.
 
         Raises :class:`~canary_router.ConfigError` for a URL it cannot use.
         """
@@ -509,8 +513,28 @@ class SQLiteStore:
             mask = (1 << level) - 1
             for variant, counts in batch.variants.items():
                 self._add_variant(conn, rollout, epoch, variant, counts, mask)
+            if any(counts.units or counts.error_units for counts in batch.variants.values()):
+                self._cap_units(conn, rollout, epoch, level)
             if batch.slots:
                 self._add_slots(conn, rollout, batch.slots)
+
+    def _cap_units(self, conn: sqlite3.Connection, rollout: str, epoch: int, level: int) -> None:
+        """Halve the unit sample (one level up) until no variant keeps more than ``max_units`` hashes."""
+        key = (rollout, epoch)
+        start = level
+        while True:
+            row = conn.execute(
+                "SELECT max(n) FROM (SELECT count(*) AS n FROM units WHERE rollout = ? AND epoch = ? GROUP BY variant)",
+                key,
+            ).fetchone()
+            if row is None or row[0] is None or int(row[0]) <= self._max_units or level >= 31:
+                break
+            level += 1
+            conn.execute(
+                "DELETE FROM units WHERE rollout = ? AND epoch = ? AND (hash & ?) != 0", (*key, (1 << level) - 1)
+            )
+        if level != start:
+            conn.execute("UPDATE steps SET level = ? WHERE rollout = ? AND epoch = ?", (level, *key))
 
     def _drop_old_epochs(self, conn: sqlite3.Connection, rollout: str) -> None:
         rows = conn.execute(
@@ -594,8 +618,11 @@ class SQLiteStore:
                 buckets = conn.execute(
                     "SELECT variant, bucket, count FROM histogram WHERE rollout = ? AND epoch = ?", key
                 ).fetchall()
-                units = conn.execute(
-                    "SELECT variant, hash, error FROM units WHERE rollout = ? AND epoch = ?", key
+                level = 0 if step is None else int(step[1])
+                units = conn.execute(  # counted here: the hashes themselves never leave SQLite
+                    "SELECT variant, count(*), total(error) FROM units WHERE rollout = ? AND epoch = ? "
+                    "AND (hash & ?) = 0 GROUP BY variant",
+                    (*key, (1 << level) - 1),
                 ).fetchall()
             finally:
                 conn.execute("COMMIT")
@@ -605,18 +632,20 @@ class SQLiteStore:
         histograms: dict[str, dict[int, int]] = {}
         for variant, index, count in buckets:
             histograms.setdefault(variant, {})[int(index)] = int(count)
-        unit_sets: dict[str, tuple[set[int], set[int]]] = {}
-        for variant, h, error in units:
-            seen, failed = unit_sets.setdefault(variant, (set(), set()))
-            seen.add(int(h))
-            if error:
-                failed.add(int(h))
-        variants: dict[str, VariantCounts] = {}
-        for variant in set(requests) | set(histograms) | set(unit_sets):
-            r, e = requests.get(variant, (0, 0))
-            seen, failed = unit_sets.get(variant, (set(), set()))
-            variants[variant] = VariantCounts(r, e, histograms.get(variant, {}), frozenset(seen), frozenset(failed))
-        return snapshot_from_counts(rollout, epoch, float(step[0]), int(step[1]), variants)
+        variants = {
+            variant: VariantCounts(*requests.get(variant, (0, 0)), histograms.get(variant, {}))
+            for variant in set(requests) | set(histograms)
+        }
+        snap = snapshot_from_counts(rollout, epoch, float(step[0]), level, variants)
+        scale = 1 << level
+        counted = {variant: (int(n) * scale, int(e) * scale) for variant, n, e in units}
+        old_units, old_failed = counted.get("old", (0, 0))
+        new_units, new_failed = counted.get("new", (0, 0))
+        return replace(
+            snap,
+            old=replace(snap.old, units=old_units, units_with_errors=old_failed),
+            new=replace(snap.new, units=new_units, units_with_errors=new_failed),
+        )
 
     def observation_history(self, rollout: str, since: float = 0.0) -> list[HistorySlot]:
         """Return the history slots of ``rollout`` from ``since`` on, oldest first, summed across processes."""
