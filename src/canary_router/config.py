@@ -32,7 +32,8 @@ _DURATION = re.compile(
 )
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
-TOP_KEYS = ("rollouts", "segments", "notifications")
+TOP_KEYS = ("rollouts", "segments", "notifications", "store")
+STORE_KEYS = ("url", "stale_after", "refresh_interval", "flush_interval")
 NOTIFICATION_KEYS = ("webhooks", "timeout", "retries")
 ROLLOUT_KEYS = (
     "description",
@@ -63,6 +64,14 @@ class Config:
     """URLs that receive every state transition as a JSON POST (Slack-compatible ``text``)."""
     webhook_timeout: float = 5.0
     webhook_retries: int = 3
+    store_url: str | None = None
+    """The ``[store] url`` (or top-level ``store = "..."``): where rollout state is shared."""
+    stale_after: float | None = None
+    """Fail-safe: serve "old" once the store has not been heard from for this long (``None``: never)."""
+    refresh_interval: float = 5.0
+    """Seconds between full re-reads of the shared state (a safety net behind change notifications)."""
+    flush_interval: float = 1.0
+    """Seconds between flushes of this process's observation counts to a shared store."""
 
 
 class _Issues:
@@ -595,8 +604,42 @@ def load_config(data: Mapping[str, Any], *, source: str | None = None) -> Config
                     issues.add("notifications.retries", f"expected a whole number in [0, 10], got {_describe(retries)}")
                 else:
                     webhook_options["webhook_retries"] = retries
+    store_options = _store_options(data.get("store"), issues) if "store" in data else {}
     issues.raise_if_any()
-    return Config(rollouts=rollouts, segments=segments, webhooks=tuple(webhooks), **webhook_options)
+    return Config(rollouts=rollouts, segments=segments, webhooks=tuple(webhooks), **webhook_options, **store_options)
+
+
+def _store_options(raw: Any, issues: _Issues) -> dict[str, Any]:
+    """Validate ``store = "URL"`` or the ``[store]`` table."""
+    if isinstance(raw, str):
+        raw = {"url": raw}
+    table = _table(raw, "store", issues)
+    if table is None:
+        return {}
+    _check_keys(table, STORE_KEYS, "store", issues)
+    out: dict[str, Any] = {}
+    if "url" in table:
+        url = table["url"]
+        if not isinstance(url, str) or "://" not in url:
+            issues.add(
+                "store.url", f"expected a store URL such as 'redis://host:6379/0?prefix=app', got {_describe(url)}"
+            )
+        elif url.split("://", 1)[0].lower() not in ("memory", "sqlite", "redis", "rediss", "unix"):
+            issues.add("store.url", f"expected a memory://, sqlite:/// or redis:// URL, got {url!r}")
+        else:
+            out["store_url"] = url
+    if "stale_after" in table:
+        stale = _duration(table["stale_after"], "store.stale_after", issues)
+        if stale is not None:
+            out["stale_after"] = stale
+    for key, floor in (("refresh_interval", 0.05), ("flush_interval", 0.05)):
+        if key in table:
+            seconds = _duration(table[key], f"store.{key}", issues)
+            if seconds is not None and seconds < floor:
+                issues.add(f"store.{key}", f"expected at least {floor} s, got {seconds:g} s")
+            elif seconds is not None:
+                out[key] = seconds
+    return out
 
 
 class _UniqueKeyLoader:

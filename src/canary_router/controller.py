@@ -10,7 +10,10 @@ is a compare-and-set with an audit record; two controllers racing apply one tran
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,11 +21,15 @@ from typing import TYPE_CHECKING
 from .analysis import Outcome, Verdict, evaluate
 from .errors import CanaryError, ConflictError
 from .model import Phase, Rollout, RolloutState
+from .stores.base import Lease
 
 if TYPE_CHECKING:
     from .router import Router
 
-__all__ = ["Action", "Controller"]
+__all__ = ["LEASE_NAME", "Action", "Controller"]
+
+LEASE_NAME = "controller"
+"""The name of the lease that lets one controller act at a time on a shared store."""
 
 _log = logging.getLogger("canary_router")
 
@@ -55,9 +62,16 @@ class Controller:
     ``start(interval)`` runs it on a background thread. ``actor`` names it in the audit log.
     """
 
-    def __init__(self, router: Router, *, actor: str = "controller") -> None:
+    def __init__(self, router: Router, *, actor: str = "controller", lease_ttl: float = 5.0) -> None:
+        if lease_ttl <= 0:
+            raise ValueError(f"lease_ttl must be > 0, got {lease_ttl!r}")
         self.router = router
         self.actor = actor
+        self.lease_ttl = lease_ttl
+        """Seconds the controller lease lasts without renewal (with a shared store); a standby takes over after it."""
+        self.lease: Lease | None = None
+        """The controller lease this instance holds (shared stores only), or ``None``."""
+        self._nonce = uuid.uuid4().hex[:8]
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.last_verdicts: dict[str, Verdict] = {}
@@ -70,14 +84,39 @@ class Controller:
         return self._verdict(rollout, state)
 
     def _verdict(self, rollout: Rollout, state: RolloutState) -> Verdict:
-        aggregator = self.router.aggregator
-        snapshot = aggregator.snapshot(rollout.name, state.epoch) if aggregator is not None else None
+        snapshot = self.router.observations(rollout.name, state.epoch)
         percent = 0.0 if state.shadow else state.percent
         return evaluate(rollout.guard, snapshot, percent, self.router.checks(rollout.name))
 
+    @property
+    def owner(self) -> str:
+        """The identity this controller holds the lease under: host, process and instance."""
+        return f"{socket.gethostname()}:{os.getpid()}:{self._nonce}"
+
+    def _take_lease(self) -> tuple[bool, str]:
+        """With a shared store, take or renew the controller lease; ``(acting, why not)``."""
+        shared = self.router._shared
+        if shared is None:
+            return True, ""
+        try:
+            self.lease = shared.acquire_lease(LEASE_NAME, self.owner, self.lease_ttl)
+        except Exception as exc:
+            self.lease = None
+            return False, f"cannot reach the store to renew the controller lease: {exc}"
+        if self.lease is None:
+            return False, "standby: another controller holds the lease"
+        return True, ""
+
     def tick(self) -> list[Action]:
-        """Evaluate every rollout once and apply at most one transition to each; returns what was done."""
+        """Evaluate every rollout once and apply at most one transition to each; returns what was done.
+
+        With a shared store only the holder of the controller lease acts (each tick renews it); other
+        controllers return a "wait" action per rollout and take over once the lease expires.
+        """
         actions: list[Action] = []
+        acting, why_not = self._take_lease()
+        if not acting:
+            return [Action(name, "wait", why_not) for name in self.router.rollouts]
         for name in self.router.rollouts:
             try:
                 action = self._tick_one(name)
@@ -115,6 +154,7 @@ class Controller:
                 reason=reason,
                 details={"verdict": verdict.to_dict(), "elapsed": elapsed},
                 expected_version=versioned.version,
+                fence=self.lease,
             )
             return Action(name, action, reason, verdict)
 
@@ -221,6 +261,13 @@ class Controller:
         if thread is not None:
             thread.join(timeout)
         self._thread = None
+        lease, shared = self.lease, self.router._shared
+        if lease is not None and shared is not None:
+            self.lease = None
+            try:
+                shared.release_lease(lease)
+            except Exception as exc:  # it expires on its own
+                _log.warning("canary_router: could not release the controller lease: %s", exc)
 
     @property
     def running(self) -> bool:

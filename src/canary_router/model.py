@@ -50,6 +50,8 @@ class Reason(enum.StrEnum):
     """No rule matched; the unit's bucket and the step's percentage decided."""
     SHADOW = "shadow"
     """The unit is in the shadow cohort: "old" is served and the new version runs alongside, unseen."""
+    STALE = "stale_state"
+    """Fail-safe: the store has not been heard from for longer than ``stale_after``, so "old" is served."""
     NO_UNIT = "no_unit"
     """The context has none of the stickiness attributes, so the unit cannot be bucketed: "old"."""
     UNKNOWN_ROLLOUT = "unknown_rollout"
@@ -72,6 +74,7 @@ _OPENFEATURE_REASONS = {
     Reason.RULE_SPLIT: "SPLIT",
     Reason.SPLIT: "SPLIT",
     Reason.SHADOW: "SPLIT",
+    Reason.STALE: "STALE",
     Reason.NO_UNIT: "DEFAULT",
     Reason.UNKNOWN_ROLLOUT: "ERROR",
     Reason.ERROR: "ERROR",

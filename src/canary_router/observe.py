@@ -226,17 +226,20 @@ class _Step:
 class _Rollout:
     """One rollout's current step and history, behind one lock."""
 
-    __slots__ = ("history", "lock", "step")
+    __slots__ = ("history", "lock", "previous", "step")
 
     def __init__(self, history_slots: int) -> None:
         self.lock = threading.Lock()
         self.step: _Step | None = None
+        self.previous: _Step | None = None
+        """The step before ``step``, kept so that its last counts can still be sent to a shared store."""
         self.history: deque[HistorySlot] = deque(maxlen=history_slots)
 
     def current(self, epoch: int, now: float) -> _Step | None:
         """The step for ``epoch`` (starting it when newer); ``None`` for a late observation of an older step."""
         step = self.step
         if step is None or step.epoch < epoch:
+            self.previous = step
             step = self.step = _Step(epoch, now)
         elif step.epoch > epoch:
             return None

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 import mmh3
 
+from ._flush import Outbox
 from ._throttle import Throttled
 from .bucketing import threshold
 from .config import Config, _conditions, _Issues, load_config, load_file
@@ -37,7 +40,8 @@ from .notify import Notifier, Webhook
 from .observe import Aggregator, HistorySlot, StepSnapshot
 from .rules import Predicate, compile_condition
 from .shadow import ShadowPool, ShadowStats
-from .stores.base import Store, Versioned
+from .stores._url import open_store
+from .stores.base import Lease, SharedStore, Store, Versioned
 from .stores.memory import MemoryStore
 from .telemetry import Telemetry
 
@@ -57,6 +61,9 @@ Observer = Callable[[Observation], None]
 
 _ROLLED_BACK = Decision(OLD, Reason.ROLLED_BACK, None)
 _COMPLETED = Decision(NEW, Reason.COMPLETED, None)
+_STALE = Decision(OLD, Reason.STALE, None)
+STATE_LOST = "state lost"
+"""The reason prefix of a state restored after the store lost it."""
 _UNKNOWN = Decision(OLD, Reason.UNKNOWN_ROLLOUT, None)
 _ERROR = Decision(OLD, Reason.ERROR, None)
 _NO_UNIT = Decision(OLD, Reason.NO_UNIT, None)
@@ -88,8 +95,10 @@ class _Live:
 
     __slots__ = ("epoch", "fixed", "shadow", "state", "threshold", "version")
 
-    def __init__(self, state: RolloutState, version: int):
-        self.fixed = {Phase.ROLLED_BACK: _ROLLED_BACK, Phase.COMPLETED: _COMPLETED}.get(state.phase)
+    def __init__(self, state: RolloutState, version: int, stale: bool = False):
+        self.fixed = (
+            _STALE if stale else {Phase.ROLLED_BACK: _ROLLED_BACK, Phase.COMPLETED: _COMPLETED}.get(state.phase)
+        )
         self.threshold = threshold(state.percent)
         self.shadow = state.shadow
         self.epoch = state.epoch
@@ -139,6 +148,10 @@ class Router:
         record: bool = True,
         webhooks: Sequence[str | Webhook] = (),
         telemetry: Telemetry | Literal["global"] | None = "global",
+        share_observations: bool | None = None,
+        flush_interval: float = 1.0,
+        refresh_interval: float = 5.0,
+        stale_after: float | None = None,
     ) -> None:
         self._clock: Callable[[], float] = clock or time.time
         if telemetry == "global":
@@ -155,7 +168,26 @@ class Router:
         self._shadow_max_pending = 64
         for hook in webhooks:
             self._notifier.subscribe(hook if isinstance(hook, Webhook) else Webhook(hook))
-        self._store: Store = store if store is not None else MemoryStore()
+        self._store: Store = store if store is not None else open_store(None)
+        if share_observations is None:
+            share_observations = isinstance(self._store, SharedStore) and not isinstance(self._store, MemoryStore)
+        if share_observations and not isinstance(self._store, SharedStore):
+            raise TypeError(f"share_observations needs a SharedStore, got {type(self._store).__name__}")
+        if flush_interval <= 0 or refresh_interval <= 0 or (stale_after is not None and stale_after <= 0):
+            raise ValueError("flush_interval, refresh_interval and stale_after must be > 0")
+        self._shared: SharedStore | None = self._store if share_observations else None  # type: ignore[assignment]
+        self._outbox = Outbox(self._aggregator) if self._shared is not None and self._aggregator is not None else None
+        self._flush_lock = threading.Lock()
+        self._flush_interval = flush_interval
+        self._refresh_interval = refresh_interval
+        self._stale_after = stale_after
+        self._stale = False
+        self._last_contact = self._clock()
+        self._store_errors = 0
+        self._last_error = ""
+        self._restored = 0
+        self._sync_thread: threading.Thread | None = None
+        self._sync_stop = threading.Event()
         self._rollouts = self._collect(rollouts, segments)
         self._segments = self._compile_segments(segments)
         self._compiled: dict[str, _Compiled] = {
@@ -169,6 +201,12 @@ class Router:
         for compiled in self._compiled.values():
             compiled.live = self._initial_live(compiled.rollout)
         self._unsubscribe = self._store.subscribe(self._on_store_change)
+        self._needs_sync = (
+            self._shared is not None or stale_after is not None or not isinstance(self._store, MemoryStore)
+        )
+        _ROUTERS.add(self)
+        if self._needs_sync:
+            self._start_sync()
 
     # ------------------------------------------------------------------ construction
 
@@ -181,12 +219,21 @@ class Router:
         clock: Callable[[], float] | None = None,
         telemetry: Telemetry | Literal["global"] | None = "global",
         record: bool = True,
+        **options: Any,
     ) -> Router:
         """Build a router from a configuration mapping (the shape of the TOML file) or a loaded :class:`Config`.
 
-        The keywords are those of :class:`Router`.
+        The keywords are those of :class:`Router`. The store is ``store`` when given, else the one the
+        configuration's ``[store] url`` names, else the ``CANARY_ROUTER_STORE`` environment variable's,
+        else a :class:`~canary_router.MemoryStore`; ``[store]`` also sets ``stale_after``,
+        ``refresh_interval`` and ``flush_interval`` unless passed here.
         """
         loaded = config if isinstance(config, Config) else load_config(config)
+        if store is None:
+            store = open_store(loaded.store_url)
+        options.setdefault("stale_after", loaded.stale_after)
+        options.setdefault("refresh_interval", loaded.refresh_interval)
+        options.setdefault("flush_interval", loaded.flush_interval)
         hooks = [
             Webhook(url, timeout=loaded.webhook_timeout, retries=loaded.webhook_retries) for url in loaded.webhooks
         ]
@@ -198,6 +245,7 @@ class Router:
             webhooks=hooks,
             telemetry=telemetry,
             record=record,
+            **options,
         )
 
     @classmethod
@@ -209,9 +257,10 @@ class Router:
         clock: Callable[[], float] | None = None,
         telemetry: Telemetry | Literal["global"] | None = "global",
         record: bool = True,
+        **options: Any,
     ) -> Router:
-        """Build a router from a TOML file (YAML when PyYAML is installed, or JSON)."""
-        return cls.from_config(load_file(path), store=store, clock=clock, telemetry=telemetry, record=record)
+        """Build a router from a TOML file (YAML when PyYAML is installed, or JSON); as :meth:`from_config`."""
+        return cls.from_config(load_file(path), store=store, clock=clock, telemetry=telemetry, record=record, **options)
 
     @staticmethod
     def _collect(
@@ -586,6 +635,7 @@ class Router:
         return rollout
 
     def _on_store_change(self, name: str, versioned: Versioned) -> None:
+        self._contact()
         if name in self._rollouts:
             self._apply(name, versioned.state, versioned.version)
 
@@ -595,23 +645,222 @@ class Router:
             return
         with self._lock:
             current = compiled.live
-            if version > current.version or current.version == 0:
-                compiled.live = _Live(state, version)
+            if (
+                version > current.version
+                or current.version == 0
+                or (  # the store lost its state and another instance restored it (versions restart)
+                    version < current.version
+                    and state.reason.startswith(STATE_LOST)
+                    and state.updated_at > current.state.updated_at
+                )
+            ):
+                compiled.live = _Live(state, version, self._stale)
 
     def refresh(self) -> None:
-        """Re-read every rollout's state from the store (the store's change notifications normally suffice)."""
+        """Re-read every rollout's state from the store (the store's change notifications normally suffice).
+
+        Also detects a store that lost its state (restarted empty, or re-created from the start by an
+        instance that never saw the rollout): the last known state is written back, paused if it was
+        running, with a reason starting ``"state lost"`` — never silently restarted.
+        """
         try:
             everything = self._store.get_all()
         except Exception as exc:
+            self._store_failed(exc)
             raise StoreError(f"cannot read rollout state from the store: {exc}") from exc
-        for name, versioned in everything.items():
-            if name in self._rollouts:
-                self._apply(name, versioned.state, versioned.version)
+        self._contact()
+        for name, compiled in self._compiled.items():
+            stored = everything.get(name)
+            live = compiled.live
+            if stored is None:
+                if live.version > 0:
+                    self._restore(name, live, None)
+                else:  # the store was unreachable when this router started: create it now
+                    current = self._read(name)
+                    self._apply(name, current.state, current.version)
+            elif stored.version < live.version and not (
+                stored.state.reason.startswith(STATE_LOST) and stored.state.updated_at > live.state.updated_at
+            ):
+                self._restore(name, live, stored.version)
+            else:
+                self._apply(name, stored.state, stored.version)
+
+    def _restore(self, name: str, live: _Live, found: int | None) -> None:
+        """Write the last known state back after the store lost it (paused when it was running)."""
+        before = live.state
+        paused = before.phase is Phase.RUNNING
+        lost = "no state" if found is None else f"version {found}"
+        reason = (
+            f"{STATE_LOST}: the store had {lost} where this instance knew version {live.version}; "
+            f"restored the last known state ({before.phase.value} at {before.percent:g} %)"
+            + (" and paused it" if paused else "")
+        )
+        state = replace(
+            before,
+            phase=Phase.PAUSED if paused else before.phase,
+            updated_at=max(self._clock(), before.updated_at + 1e-3),
+            reason=reason,
+            actor="router",
+        )
+        record = self._record(name, "restore", None, state, "router", reason, {"lost_version": live.version})
+        try:
+            version = self._store.compare_and_set(name, found, state, record)
+        except ConflictError:  # another instance restored (or changed) it first: take theirs
+            current = self._store.get(name)
+            if current is not None:
+                self._apply(name, current.state, current.version)
+            return
+        _log.warning("canary_router: rollout %r: %s", name, reason)
+        self._restored += 1
+        compiled = self._compiled[name]
+        with self._lock:
+            compiled.live = _Live(state, version, self._stale)
+        self._notifier.publish(replace(record, version=version))
+
+    # ------------------------------------------------------------------ shared store: sync, flush, fail-safe
+
+    def _contact(self) -> None:
+        """The store answered: note it, and leave the stale fail-safe if it was on."""
+        self._last_contact = self._clock()
+        if self._stale:
+            self._set_stale(False)
+
+    def _store_failed(self, exc: BaseException) -> None:
+        self._store_errors += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+
+    def _set_stale(self, stale: bool) -> None:
+        with self._lock:
+            if self._stale == stale:
+                return
+            self._stale = stale
+            for compiled in self._compiled.values():
+                live = compiled.live
+                compiled.live = _Live(live.state, live.version, stale)
+        if stale:
+            _log.warning(
+                "canary_router: no answer from the store for over %gs (stale_after): serving 'old' until it answers",
+                self._stale_after,
+            )
+        else:
+            _log.warning("canary_router: the store answers again: serving the shared state")
+
+    def flush(self) -> int:
+        """Send this process's new observation counts to the shared store now; returns the batches sent.
+
+        The background sync thread does this every ``flush_interval`` seconds. Does nothing (returns 0)
+        unless the router shares observations. Raises :class:`~canary_router.StoreError` when the store
+        cannot take them; nothing is lost then, the next flush sends them.
+        """
+        outbox, shared = self._outbox, self._shared
+        if outbox is None or shared is None:
+            return 0
+        sent = 0
+        with self._flush_lock:
+            for batch, commit in outbox.collect():
+                try:
+                    shared.add_observations(batch)
+                except Exception as exc:
+                    self._store_failed(exc)
+                    raise StoreError(f"cannot send observations to the store: {exc}") from exc
+                commit()
+                sent += 1
+        if sent:
+            self._contact()
+        return sent
+
+    def sync(self) -> None:
+        """One round of the background sync: flush observations, re-read the state, check staleness.
+
+        Never raises; problems are counted in :meth:`health` and logged (at most once a minute).
+        """
+        try:
+            self.flush()
+        except Exception as exc:
+            self._warn("flush", f"observations not sent yet (kept for the next flush): {exc}")
+        try:
+            self.refresh()
+        except Exception as exc:
+            self._warn("refresh", f"cannot refresh the shared state, serving the last known state: {exc}")
+        self._check_stale()
+
+    def _check_stale(self) -> None:
+        stale_after = self._stale_after
+        if stale_after is not None and not self._stale and self._clock() - self._last_contact > stale_after:
+            self._set_stale(True)
+
+    def _start_sync(self) -> None:
+        self._sync_stop = threading.Event()
+        stop = self._sync_stop
+        ref = weakref.ref(self)
+        tick = min(self._flush_interval, self._refresh_interval, 0.5)
+
+        def loop() -> None:  # holds only a weak reference: a dropped router ends its thread
+            last_flush = last_refresh = time.monotonic()
+            while not stop.wait(tick):
+                router = ref()
+                if router is None:
+                    return
+                try:
+                    now = time.monotonic()
+                    if now - last_flush >= router._flush_interval:
+                        last_flush = now
+                        try:
+                            router.flush()
+                        except Exception as exc:
+                            router._warn("flush", f"observations not sent yet (kept for the next flush): {exc}")
+                    quiet = router._stale_after is not None and (
+                        router._clock() - router._last_contact > router._stale_after / 3
+                    )
+                    if now - last_refresh >= router._refresh_interval or quiet:
+                        last_refresh = now
+                        try:
+                            router.refresh()
+                        except Exception as exc:
+                            router._warn("refresh", f"cannot refresh the shared state, serving the last known: {exc}")
+                    router._check_stale()
+                except Exception:  # pragma: no cover - the loop must survive anything
+                    _log.exception("canary_router: sync round failed")
+                del router
+
+        thread = threading.Thread(target=loop, name="canary-router-sync", daemon=True)
+        self._sync_thread = thread
+        thread.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child the parent's threads are gone: new locks, and the sync thread started again."""
+        self._lock = threading.RLock()
+        self._flush_lock = threading.Lock()
+        self._sync_thread = None
+        if self._needs_sync and not self._sync_stop.is_set():
+            self._start_sync()
+
+    def health(self) -> SyncHealth:
+        """How this router's link to the store is doing: last contact, staleness, errors, dropped counts."""
+        now = self._clock()
+        outbox = self._outbox
+        return SyncHealth(
+            store=type(self._store).__name__,
+            shared_observations=self._shared is not None,
+            last_contact=self._last_contact,
+            seconds_since_contact=max(0.0, now - self._last_contact),
+            stale=self._stale,
+            stale_after=self._stale_after,
+            store_errors=self._store_errors,
+            last_error=self._last_error,
+            dropped_observations=outbox.dropped if outbox is not None else 0,
+            dropped_history=outbox.dropped_history if outbox is not None else 0,
+            restored=self._restored,
+        )
 
     def _read(self, name: str) -> Versioned:
         rollout = self._require(name)
         try:
             current = self._store.get(name)
+            live = self._compiled[name].live
+            if current is None and live.version > 0:
+                self._restore(name, live, None)
+                current = self._store.get(name)
             if current is None:
                 state = self._initial_state(rollout)
                 record = self._record(name, "start", None, state, "router", state.reason, {})
@@ -624,7 +873,9 @@ class Router:
         except CanaryError:
             raise
         except Exception as exc:
+            self._store_failed(exc)
             raise StoreError(f"cannot read the state of rollout {name!r}: {exc}") from exc
+        self._contact()
         if current is None:  # pragma: no cover - a store that loses a write at once
             raise StoreError(f"the store has no state for rollout {name!r}")
         return current
@@ -662,13 +913,15 @@ class Router:
         reason: str = "",
         details: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
+        fence: Lease | None = None,
     ) -> RolloutStatus:
         """Apply ``change`` to the rollout's state with compare-and-set and an audit record.
 
         ``change(state, rollout)`` returns the new state, or ``None`` for "nothing to do". When
         ``expected_version`` is given and the stored version differs, nothing is applied and
         :class:`~canary_router.ConflictError` is raised; so is it when another writer wins the race.
-        This is the building block of every control method and of the controller.
+        This is the building block of every control method and of the controller. ``fence`` (a lease of a
+        :class:`~canary_router.stores.SharedStore`) makes the write conditional on that lease still being held.
         """
         rollout = self._require(name)
         current = self._read(name)
@@ -685,11 +938,16 @@ class Router:
             return self.status(name)
         record = self._record(name, action, current.state, new_state, actor, reason or new_state.reason, details or {})
         try:
-            version = self._store.compare_and_set(name, current.version, new_state, record)
+            if fence is not None and self._shared is not None:
+                version = self._shared.compare_and_set(name, current.version, new_state, record, fence=fence)
+            else:
+                version = self._store.compare_and_set(name, current.version, new_state, record)
         except ConflictError:
             raise
         except Exception as exc:
+            self._store_failed(exc)
             raise StoreError(f"cannot write the state of rollout {name!r}: {exc}") from exc
+        self._contact()
         self._apply(name, new_state, version)
         self._notifier.publish(replace(record, version=version))
         return self.status(name)
@@ -864,6 +1122,16 @@ class Router:
         self._require(name)
         if epoch is None:
             epoch = self._read(name).state.epoch
+        shared = self._shared
+        if shared is not None:
+            try:
+                self.flush()
+                return shared.observations(name, epoch)
+            except Exception as exc:
+                self._store_failed(exc)
+                self._warn(
+                    "observations", f"cannot read observation totals from the store, using this process's: {exc}"
+                )
         aggregator = self._aggregator
         return aggregator.snapshot(name, epoch) if aggregator is not None else None
 
@@ -873,6 +1141,14 @@ class Router:
         Summed across instances with a shared store, like :meth:`observations`.
         """
         self._require(name)
+        shared = self._shared
+        if shared is not None:
+            try:
+                self.flush()
+                return shared.observation_history(name, since)
+            except Exception as exc:
+                self._store_failed(exc)
+                self._warn("history", f"cannot read observation history from the store, using this process's: {exc}")
         aggregator = self._aggregator
         if aggregator is None:
             return []
@@ -948,9 +1224,15 @@ class Router:
         """Stop the controller and notifications, stop listening to the store and release it."""
         try:
             self.stop_controller()
+            self._sync_stop.set()
             self._notifier.close()
             if self._aggregator is not None:
                 self._aggregator.close()
+            if self._outbox is not None:
+                try:
+                    self.flush()
+                except Exception as exc:
+                    self._warn("flush", f"the last observations could not be sent on close: {exc}")
             if self._shadow_pool is not None:
                 self._shadow_pool.shutdown(wait=False)
             self._unsubscribe()
@@ -965,6 +1247,50 @@ class Router:
 
     def __repr__(self) -> str:
         return f"Router(rollouts={list(self._rollouts)!r}, store={type(self._store).__name__})"
+
+
+@dataclass(frozen=True, slots=True)
+class SyncHealth:
+    """The state of a router's link to its store (see :meth:`Router.health`)."""
+
+    store: str
+    """The store's class name."""
+    shared_observations: bool
+    """Whether observation counts are flushed to the store and read back summed across instances."""
+    last_contact: float
+    """When the store last answered (router clock)."""
+    seconds_since_contact: float
+    stale: bool
+    """Whether the ``stale_after`` fail-safe is serving "old" right now."""
+    stale_after: float | None
+    store_errors: int
+    """Store operations that failed since the router started."""
+    last_error: str
+    dropped_observations: int
+    """Requests observed here whose counts can no longer reach the store (0 unless a long outage)."""
+    dropped_history: int
+    """Requests whose chart time slot left this process's ring before the store took it."""
+    restored: int
+    """How many times this router restored a rollout's state after the store lost it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+_ROUTERS: weakref.WeakSet[Router] = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for router in list(_ROUTERS):
+        try:
+            router._after_fork()
+        except Exception:  # pragma: no cover - a child must start whatever happens
+            _log.exception("canary_router: restarting a router after fork failed")
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def _check_state(name: str, state: RolloutState, rollout: Rollout) -> None:
