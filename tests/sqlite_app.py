@@ -1,4 +1,4 @@
-"""A WSGI app for the pre-fork test: one router on the store that ``CANARY_ROUTER_STORE`` names, made at import.
+"""A WSGI app for the pre-fork test: one router on the store ``CANARY_ROUTER_STORE`` names, made at import.
 
 Under ``gunicorn --preload`` the import (and so the store and its watcher) happens in the master, before
 the workers are forked. ``/decide?user=ID`` answers ``"<variant> <pid>"``.
@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-from canary_router import Rollout, Router
-from canary_router.stores import open_store
+from canary_router import Router
 
-router = Router([Rollout("checkout", steps=(100.0,))], store=open_store(), telemetry=None)
+router = Router.from_config({"rollouts": {"checkout": {"steps": [100]}}}, telemetry=None)  # the store: from the env
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -79,3 +79,38 @@ def listen(path: str, name: str, ready: Any, heard: Any) -> None:
             time.sleep(0.05)
     finally:
         store.close()
+
+
+ROUTER_CONFIG: dict[str, Any] = {
+    "rollouts": {"r": {"steps": [10, 50, 100], "bake_time": "10m", "guard": {"min_requests": 50}}},
+}
+
+
+def serve_traffic(url: str, first: int, count: int, barrier: Any) -> None:
+    """A serving process: route ``count`` users from ``first`` on, observe each call, flush once, close."""
+    from canary_router import Router
+
+    router = Router.from_config({**ROUTER_CONFIG, "store": url}, telemetry=None)
+    try:
+        barrier.wait(30)
+        for i in range(first, first + count):
+            decision = router.decide("r", {"user_id": f"u{i}"})
+            router._observe("r", decision, i % 10 != 0, 0.002)
+        router.flush()
+    finally:
+        router.close()
+
+
+def control(url: str, index: int, barrier: Any, results: Any) -> None:
+    """A controller process: one tick at the same moment as the others; report whether it stood by."""
+    from canary_router import Router
+    from canary_router.controller import Controller
+
+    router = Router.from_config({**ROUTER_CONFIG, "store": url}, telemetry=None)
+    try:
+        controller = Controller(router, lease_ttl=30.0)
+        barrier.wait(30)
+        actions = controller.tick()
+        results.put((index, [a.reason for a in actions]))
+    finally:
+        router.close()

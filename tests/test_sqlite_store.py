@@ -405,3 +405,64 @@ def test_gunicorn_preload_workers_keep_receiving_updates(tmp_path: Path) -> None
         finally:
             router.close()
     assert len(pids) == 3
+
+
+# ------------------------------------------------------------------------------------------ routers on the file
+
+
+def test_routers_in_several_processes_share_observation_totals(tmp_path: Path) -> None:
+    """Three serving processes flush their counts to the file; a fourth router reads the exact sum."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    barrier = SPAWN.Barrier(3)
+    processes = [
+        SPAWN.Process(target=sqlite_workers.serve_traffic, args=(url, 200 * i, 200, barrier)) for i in range(3)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    router = Router.from_config({**sqlite_workers.ROUTER_CONFIG, "store": url}, telemetry=None)
+    try:
+        totals = router.observations("r")
+        assert totals is not None
+        assert totals.old.requests + totals.new.requests == 600
+        assert totals.old.errors + totals.new.errors == 60
+        assert totals.old.units + totals.new.units == 600
+        assert 30 <= totals.new.requests <= 90, "about 10 % of the 600 users are on the new version"
+    finally:
+        router.close()
+
+
+def test_one_controller_among_processes_acts(tmp_path: Path) -> None:
+    """Three controller processes tick at once on one file: one takes the lease, two stand by."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    barrier, results = SPAWN.Barrier(3), SPAWN.Queue()
+    processes = [SPAWN.Process(target=sqlite_workers.control, args=(url, i, barrier, results)) for i in range(3)]
+    for process in processes:
+        process.start()
+    reasons = dict(results.get(timeout=60) for _ in range(3))
+    for process in processes:
+        process.join(30)
+        assert process.exitcode == 0
+    standby = [i for i, r in reasons.items() if r == ["standby: another controller holds the lease"]]
+    assert len(standby) == 2, reasons
+
+
+def test_a_wiped_state_table_is_restored_paused(tmp_path: Path) -> None:
+    """When the file loses a rollout's state (deleted rows), the router writes its last state back, paused."""
+    path = tmp_path / "state.db"
+    router = Router.from_config({**sqlite_workers.ROUTER_CONFIG, "store": f"sqlite:///{path}"}, telemetry=None)
+    try:
+        router.promote("r")  # 50 %
+        with sqlite3.connect(path) as conn:
+            conn.execute("DELETE FROM state")
+            conn.execute("DELETE FROM audit")
+        router.sync()
+        restored = router.store.get("r")
+        assert restored is not None
+        assert (restored.state.phase, restored.state.percent) == ("paused", 50.0)
+        assert restored.state.reason.startswith("state lost")
+        assert [r.action for r in router.store.history("r")] == ["restore"]
+    finally:
+        router.close()

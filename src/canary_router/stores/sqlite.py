@@ -242,7 +242,9 @@ class SQLiteStore:
     def _check_pid(self) -> None:
         """In a process forked after this store was made, drop the inherited connections (never use them)."""
         if self._pid != os.getpid():
-            self._after_fork()
+            with _FORK_LOCK:  # two threads of the child may notice at once: one reinitialises
+                if self._pid != os.getpid():
+                    self._after_fork()
 
     def _connection(self) -> sqlite3.Connection:
         """Return the connection of this process (call with ``self._lock`` held)."""
@@ -740,9 +742,12 @@ class SQLiteStore:
 
 
 _STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+_FORK_LOCK = threading.Lock()
 
 
 def _reinit_after_fork() -> None:
+    global _FORK_LOCK  # noqa: PLW0603 - a lock inherited through fork may be held by a thread that is gone
+    _FORK_LOCK = threading.Lock()
     for store in list(_STORES):
         if store._pid != os.getpid():
             store._after_fork()
