@@ -113,6 +113,55 @@ def test_file_is_in_wal_mode(tmp_path: Path) -> None:
         store.close()
 
 
+def test_each_change_is_announced_once_here_and_once_in_a_peer(tmp_path: Path) -> None:
+    """The writing client announces its change at once; its watcher does not announce it again; a peer hears it once."""
+    store = SQLiteStore(tmp_path / "state.db", poll_interval=0.01)
+    peer = SQLiteStore(tmp_path / "state.db", poll_interval=0.01)
+    here: list[int] = []
+    there: list[int] = []
+    store.subscribe(lambda name, versioned: here.append(versioned.version))
+    peer.subscribe(lambda name, versioned: there.append(versioned.version))
+    try:
+        store.compare_and_set("once", None, sqlite_workers.state(5.0), sqlite_workers.record("once", 5.0))
+        assert here == [1], "announced before compare_and_set returned"
+        store.compare_and_set("once", 1, sqlite_workers.state(10.0), sqlite_workers.record("once", 10.0))
+        time.sleep(0.3)
+        assert here == [1, 2]
+        assert there in ([1, 2], [2]), "a peer may see both changes in one look, then only the latest"
+    finally:
+        store.close()
+        peer.close()
+
+
+def test_a_failing_subscriber_does_not_stop_the_others(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A subscriber that raises is logged; the watcher keeps delivering to every subscriber."""
+    store = SQLiteStore(tmp_path / "state.db", poll_interval=0.01)
+    peer = SQLiteStore(tmp_path / "state.db", poll_interval=0.01)
+    heard: list[int] = []
+    event = threading.Event()
+
+    def broken(name: str, versioned: Versioned) -> None:
+        raise RuntimeError("subscriber bug")
+
+    def working(name: str, versioned: Versioned) -> None:
+        heard.append(versioned.version)
+        if versioned.version == 2:
+            event.set()
+
+    peer.subscribe(broken)
+    peer.subscribe(working)
+    try:
+        store.compare_and_set("x", None, sqlite_workers.state(5.0), sqlite_workers.record("x", 5.0))
+        time.sleep(0.1)
+        store.compare_and_set("x", 1, sqlite_workers.state(10.0), sqlite_workers.record("x", 10.0))
+        assert event.wait(5)
+        assert heard == [1, 2]
+        assert "a store subscriber failed" in caplog.text
+    finally:
+        store.close()
+        peer.close()
+
+
 # ------------------------------------------------------------------------------------------ bounds
 
 

@@ -19,12 +19,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from .._throttle import Throttled
 from ..errors import ConfigError, ConfigIssue, ConflictError, StoreError
 from ..model import AuditRecord, RolloutState
 from ..observe import HistorySlot, StepSnapshot
@@ -148,9 +149,14 @@ class SQLiteStore:
         self._subscribers: tuple[Callable[[str, Versioned], None], ...] = ()
         self._known: dict[str, int] = {}
         """The version of each rollout last announced to subscribers (under ``_notify_lock``)."""
+        self._warn = Throttled(_log, "canary_router: ")
         self._init_process_state()
-        with self._errors("open"):
-            self._create_schema()
+        try:
+            with self._errors("open"):
+                self._create_schema()
+        except BaseException:
+            self.close()
+            raise
         _STORES.add(self)
 
     def _init_process_state(self) -> None:
@@ -227,13 +233,12 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self._path,
-            timeout=self._busy_timeout,
+            timeout=self._busy_timeout,  # SQLite's busy handler: wait for another process's write
             isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
             check_same_thread=False,  # used under self._lock, or by the watcher thread alone
         )
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: consistent after any crash, fewer fsyncs
         except BaseException:
             conn.close()
             raise
@@ -267,7 +272,7 @@ class SQLiteStore:
 
     @contextmanager
     def _read(self, action: str) -> Iterator[sqlite3.Connection]:
-        """A connection for reads (each statement its own snapshot, or wrap several in ``_write``)."""
+        """Hold this process's connection for reads: each statement reads its own snapshot of the file."""
         self._check_pid()
         with self._errors(action), self._lock:
             yield self._connection()
@@ -281,11 +286,10 @@ class SQLiteStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
 
     def _create_schema(self) -> None:
         with self._lock:
@@ -314,10 +318,10 @@ class SQLiteStore:
                         f"SQLite store {str(self._path)!r} has schema version {row[0]}, newer than this "
                         f"canary_router understands ({_SCHEMA_VERSION}); upgrade canary_router"
                     )
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
 
     # ------------------------------------------------------------------ state
 
@@ -448,7 +452,7 @@ class SQLiteStore:
                     try:
                         store._poll()
                     except Exception as exc:
-                        _log.warning("canary_router: cannot check the SQLite store for changes: %s", exc)
+                        store._warn("watch", f"cannot check the SQLite store {str(store._path)!r} for changes: {exc}")
                     del store
 
             thread = threading.Thread(target=watch, name="canary-router-sqlite-watch", daemon=True)
@@ -457,6 +461,8 @@ class SQLiteStore:
 
     def _poll(self, *, initial: bool = False) -> None:
         """Announce the rollouts whose version changed since the last look (only the watcher calls this)."""
+        if self._closed:
+            return
         conn = self._watch_conn
         if conn is None:
             conn = self._watch_conn = self._connect()
@@ -479,7 +485,7 @@ class SQLiteStore:
                 try:
                     versioned = self._versioned(name, row[0], row[1])
                 except StoreError as exc:
-                    _log.warning("canary_router: %s", exc)
+                    self._warn("unreadable", str(exc))
                     continue
                 self._announce(name, versioned)
 
@@ -709,6 +715,7 @@ class SQLiteStore:
 
     def close(self) -> None:
         """Stop the watcher, drop the subscribers and close the connections. Idempotent."""
+        self._closed = True  # first: a forked child does not restart the watcher only to stop it
         self._check_pid()
         with self._notify_lock:
             self._subscribers = ()
@@ -717,7 +724,6 @@ class SQLiteStore:
         if watcher is not None and watcher is not threading.current_thread():
             watcher.join(timeout=max(1.0, 4 * self._poll_interval))
         with self._lock:
-            self._closed = True
             for conn in (self._conn, self._watch_conn):
                 if conn is not None:
                     conn.close()
@@ -739,6 +745,13 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self._path)!r})"
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End the open transaction, if any, without raising (the original error is the one to report)."""
+    if conn.in_transaction:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 _STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
