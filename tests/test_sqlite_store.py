@@ -232,6 +232,27 @@ def test_unit_hashes_are_capped_by_halving_the_sample(tmp_path: Path) -> None:
         store.close()
 
 
+def test_units_sent_again_are_not_counted_twice_towards_the_cap(tmp_path: Path) -> None:
+    """The cap counts distinct hashes: hashes sent again do not raise the sample level; a fourth one does."""
+    from canary_router.stores import ObservationBatch, VariantCounts
+
+    def add(*hashes: int) -> int:
+        store.add_observations(ObservationBatch("a", 1, 0.0, 0, {"old": VariantCounts(1, 0, {}, frozenset(hashes))}))
+        snap = store.observations("a", 1)
+        assert snap is not None
+        return snap.unit_sample_level
+
+    store = SQLiteStore(tmp_path / "state.db", max_units=3)
+    try:
+        assert [add(4, 8), add(4, 8), add(8, 12)] == [0, 0, 0]
+        assert add(16) == 3, "4, 8, 12, 16 are all multiples of 4; the 1/8 sample keeps 8 and 16"
+        snap = store.observations("a", 1)
+        assert snap is not None
+        assert snap.old.units == 2 * 8
+    finally:
+        store.close()
+
+
 # ------------------------------------------------------------------------------------------ processes
 
 

@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS steps (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals (
     rollout TEXT NOT NULL, epoch INTEGER NOT NULL, variant TEXT NOT NULL,
-    requests INTEGER NOT NULL, errors INTEGER NOT NULL, PRIMARY KEY (rollout, epoch, variant)
+    requests INTEGER NOT NULL, errors INTEGER NOT NULL, units INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (rollout, epoch, variant)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS histogram (
     rollout TEXT NOT NULL, epoch INTEGER NOT NULL, variant TEXT NOT NULL, bucket INTEGER NOT NULL,
@@ -513,10 +514,7 @@ class SQLiteStore:
                         (min(started_at, batch.started_at), max(level, stored_level), rollout, epoch),
                     )
                 if level > stored_level:  # keep only the hashes of the smaller sample: bounded like a router's
-                    conn.execute(
-                        "DELETE FROM units WHERE rollout = ? AND epoch = ? AND (hash & ?) != 0",
-                        (rollout, epoch, (1 << level) - 1),
-                    )
+                    self._drop_units_outside(conn, rollout, epoch, level)
                 level = max(level, stored_level)
             mask = (1 << level) - 1
             for variant, counts in batch.variants.items():
@@ -530,19 +528,25 @@ class SQLiteStore:
         """Halve the unit sample (one level up) until no variant keeps more than ``max_units`` hashes."""
         key = (rollout, epoch)
         start = level
-        while True:
-            row = conn.execute(
-                "SELECT max(n) FROM (SELECT count(*) AS n FROM units WHERE rollout = ? AND epoch = ? GROUP BY variant)",
-                key,
-            ).fetchone()
-            if row is None or row[0] is None or int(row[0]) <= self._max_units or level >= 31:
+        while level < 31:
+            row = conn.execute("SELECT max(units) FROM totals WHERE rollout = ? AND epoch = ?", key).fetchone()
+            if row is None or row[0] is None or int(row[0]) <= self._max_units:
                 break
             level += 1
-            conn.execute(
-                "DELETE FROM units WHERE rollout = ? AND epoch = ? AND (hash & ?) != 0", (*key, (1 << level) - 1)
-            )
+            self._drop_units_outside(conn, rollout, epoch, level)
         if level != start:
             conn.execute("UPDATE steps SET level = ? WHERE rollout = ? AND epoch = ?", (level, *key))
+
+    @staticmethod
+    def _drop_units_outside(conn: sqlite3.Connection, rollout: str, epoch: int, level: int) -> None:
+        """Delete the unit hashes outside the ``1 / 2**level`` sample, and count the ones left."""
+        key = (rollout, epoch)
+        conn.execute("DELETE FROM units WHERE rollout = ? AND epoch = ? AND (hash & ?) != 0", (*key, (1 << level) - 1))
+        conn.execute(
+            "UPDATE totals SET units = (SELECT count(*) FROM units AS u WHERE u.rollout = totals.rollout "
+            "AND u.epoch = totals.epoch AND u.variant = totals.variant) WHERE rollout = ? AND epoch = ?",
+            key,
+        )
 
     def _drop_old_epochs(self, conn: sqlite3.Connection, rollout: str) -> None:
         rows = conn.execute(
@@ -568,19 +572,22 @@ class SQLiteStore:
                 "ON CONFLICT DO UPDATE SET count = count + excluded.count",
                 [(rollout, epoch, variant, int(index), int(count)) for index, count in counts.histogram.items()],
             )
-        if counts.units:
-            errors = counts.error_units
+        errors = counts.error_units
+        new_units = 0
+        if counts.units or errors:
+            rows = [(rollout, epoch, variant, int(h), int(h in errors)) for h in counts.units | errors if not h & mask]
+            new_units = conn.executemany(
+                "INSERT OR IGNORE INTO units (rollout, epoch, variant, hash, error) VALUES (?, ?, ?, ?, ?)", rows
+            ).rowcount
+        if errors:  # units already stored that saw their first error
             conn.executemany(
-                "INSERT INTO units (rollout, epoch, variant, hash, error) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT DO UPDATE SET error = max(error, excluded.error)",
-                [(rollout, epoch, variant, int(h), int(h in errors)) for h in counts.units if not h & mask],
+                "UPDATE units SET error = 1 WHERE rollout = ? AND epoch = ? AND variant = ? AND hash = ? AND error = 0",
+                [(rollout, epoch, variant, int(h)) for h in errors if not h & mask],
             )
-        extra = [h for h in counts.error_units - counts.units if not h & mask]
-        if extra:  # an error unit is a unit, even when a client sent it only among the error units
-            conn.executemany(
-                "INSERT INTO units (rollout, epoch, variant, hash, error) VALUES (?, ?, ?, ?, 1) "
-                "ON CONFLICT DO UPDATE SET error = 1",
-                [(rollout, epoch, variant, int(h)) for h in extra],
+        if new_units > 0:
+            conn.execute(
+                "UPDATE totals SET units = units + ? WHERE rollout = ? AND epoch = ? AND variant = ?",
+                (new_units, rollout, epoch, variant),
             )
 
     def _add_slots(self, conn: sqlite3.Connection, rollout: str, slots: tuple[SlotCounts, ...]) -> None:
