@@ -30,6 +30,8 @@ from typing import Any
 import benchlib
 import canary_router
 from canary_router import Rollout, Router
+from canary_router.model import AuditRecord, Phase, RolloutState
+from canary_router.stores import ObservationBatch, SlotCounts, VariantCounts
 from canary_router.stores.sqlite import SQLiteStore
 
 SECTION = "propagation-sqlite"
@@ -125,6 +127,60 @@ def run(
     return delays
 
 
+def write_costs(rounds: int, seed: int) -> list[tuple[str, float]]:
+    """Median times (s) of the store's writes and reads, on a file that already holds a busy step.
+
+    The observation batch is what one process sends in one flush of a busy second: two variants, 60
+    latency buckets and 300 new units each, and two history slots. The file holds 100 such flushes first.
+    """
+    rng = random.Random(seed)
+
+    def batch(second: int) -> ObservationBatch:
+        variants = {
+            variant: VariantCounts(
+                1_000,
+                5,
+                {rng.randrange(400): rng.randrange(1, 50) for _ in range(60)},
+                frozenset(rng.getrandbits(32) for _ in range(300)),
+                frozenset(rng.getrandbits(32) for _ in range(3)),
+            )
+            for variant in ("old", "new")
+        }
+        start = float(second // 10 * 10)
+        return ObservationBatch(
+            "bench", 1, 0.0, 0, variants, (SlotCounts(start, "old", 950), SlotCounts(start, "new", 50))
+        )
+
+    with tempfile.TemporaryDirectory(prefix="canary-costs-") as directory:
+        store = SQLiteStore(Path(directory) / "state.db")
+        try:
+            for second in range(100):
+                store.add_observations(batch(second))
+            state = RolloutState(Phase.RUNNING, 0, 5.0, 0.0)
+            record = AuditRecord(0.0, "bench", "bench", "set", "running", "running", 5.0, 5.0)
+            store.compare_and_set("bench", None, state, record)
+            timings: dict[str, list[float]] = {"cas": [], "add": [], "read": []}
+            for i in range(rounds):
+                pending = batch(100 + i)
+                t0 = time.perf_counter()
+                store.compare_and_set("bench", i + 1, state, record)
+                t1 = time.perf_counter()
+                store.add_observations(pending)
+                t2 = time.perf_counter()
+                store.observations("bench", 1)
+                t3 = time.perf_counter()
+                timings["cas"].append(t1 - t0)
+                timings["add"].append(t2 - t1)
+                timings["read"].append(t3 - t2)
+        finally:
+            store.close()
+    return [
+        ("compare_and_set + audit record (one transaction)", statistics.median(timings["cas"])),
+        ("add_observations: one process's flush of a busy second", statistics.median(timings["add"])),
+        ("observations(): the totals the guard reads", statistics.median(timings["read"])),
+    ]
+
+
 def percentile(samples: list[float], q: float) -> float:
     """The ``q``-th percentile of ``samples`` (nearest rank)."""
     ordered = sorted(samples)
@@ -137,6 +193,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=200, help="rollbacks to time (default 200)")
     parser.add_argument("--processes", type=int, default=4, help="serving processes (default 4)")
     parser.add_argument("--poll-interval", type=float, default=0.05, help="the store's poll_interval (default 0.05)")
+    parser.add_argument("--rounds", type=int, default=51, help="timed rounds of the write and read costs (default 51)")
     benchlib.add_write_option(parser)
     benchlib.add_common_options(parser, gc_option=False)
     args = parser.parse_args()
@@ -150,11 +207,14 @@ def main() -> int:
         ("max", max(delays), None),
         ("mean", statistics.fmean(delays), None),
     ]
+    costs = write_costs(args.rounds, args.seed)
     env = benchlib.environment({"canary_router": canary_router.__version__})
     print(f"{benchlib.platform_summary(env)} — {args.trials} rollbacks, {args.processes} serving processes")
     for label, value, target in rows:
         mark = "" if target is None else ("  within target" if value <= target else "  OVER TARGET")
         print(f"{label:14s} {value * 1000:8.1f} ms{mark}")
+    for label, value in costs:
+        print(f"{label:58s} {value * 1000:8.2f} ms")
     if args.write:
         lines = [
             f"{args.trials} rollbacks; {args.processes} serving processes each deciding about once a millisecond; "
@@ -167,6 +227,9 @@ def main() -> int:
         for label, value, target in rows:
             goal = "—" if target is None else f"≤ {target * 1000:g} ms ({'met' if value <= target else 'missed'})"
             lines.append(f"| {label} | {value * 1000:.1f} ms | {goal} |")
+        lines += ["", f"What each process pays, median of {args.rounds} rounds in one process:", ""]
+        lines += ["| store call | time |", "|---|---|"]
+        lines += [f"| {label} | {value * 1000:.2f} ms |" for label, value in costs]
         lines += [
             "",
             *benchlib.environment_lines(

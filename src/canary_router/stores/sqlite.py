@@ -58,8 +58,8 @@ CREATE TABLE IF NOT EXISTS steps (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals (
     rollout TEXT NOT NULL, epoch INTEGER NOT NULL, variant TEXT NOT NULL,
-    requests INTEGER NOT NULL, errors INTEGER NOT NULL, units INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (rollout, epoch, variant)
+    requests INTEGER NOT NULL, errors INTEGER NOT NULL,
+    units INTEGER NOT NULL DEFAULT 0, error_units INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (rollout, epoch, variant)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS histogram (
     rollout TEXT NOT NULL, epoch INTEGER NOT NULL, variant TEXT NOT NULL, bucket INTEGER NOT NULL,
@@ -543,8 +543,9 @@ class SQLiteStore:
         key = (rollout, epoch)
         conn.execute("DELETE FROM units WHERE rollout = ? AND epoch = ? AND (hash & ?) != 0", (*key, (1 << level) - 1))
         conn.execute(
-            "UPDATE totals SET units = (SELECT count(*) FROM units AS u WHERE u.rollout = totals.rollout "
-            "AND u.epoch = totals.epoch AND u.variant = totals.variant) WHERE rollout = ? AND epoch = ?",
+            "UPDATE totals SET (units, error_units) = (SELECT count(*), total(error) FROM units AS u "
+            "WHERE u.rollout = totals.rollout AND u.epoch = totals.epoch AND u.variant = totals.variant) "
+            "WHERE rollout = ? AND epoch = ?",
             key,
         )
 
@@ -572,22 +573,30 @@ class SQLiteStore:
                 "ON CONFLICT DO UPDATE SET count = count + excluded.count",
                 [(rollout, epoch, variant, int(index), int(count)) for index, count in counts.histogram.items()],
             )
-        errors = counts.error_units
-        new_units = 0
-        if counts.units or errors:
-            rows = [(rollout, epoch, variant, int(h), int(h in errors)) for h in counts.units | errors if not h & mask]
-            new_units = conn.executemany(
-                "INSERT OR IGNORE INTO units (rollout, epoch, variant, hash, error) VALUES (?, ?, ?, ?, ?)", rows
-            ).rowcount
-        if errors:  # units already stored that saw their first error
-            conn.executemany(
+        # Distinct units are counted as they are inserted (rowcount of the inserts that did insert), so
+        # neither the cap check of each flush nor the guard's read has to count the hashes.
+        failed = [(rollout, epoch, variant, int(h)) for h in counts.error_units if not h & mask]
+        fine = [(rollout, epoch, variant, int(h)) for h in counts.units - counts.error_units if not h & mask]
+        new_failed = new_units = 0
+        if failed:
+            new_failed = conn.executemany(  # stored units that saw their first error
                 "UPDATE units SET error = 1 WHERE rollout = ? AND epoch = ? AND variant = ? AND hash = ? AND error = 0",
-                [(rollout, epoch, variant, int(h)) for h in errors if not h & mask],
-            )
-        if new_units > 0:
+                failed,
+            ).rowcount
+            inserted = conn.executemany(
+                "INSERT OR IGNORE INTO units (rollout, epoch, variant, hash, error) VALUES (?, ?, ?, ?, 1)", failed
+            ).rowcount
+            new_failed += inserted
+            new_units += inserted
+        if fine:
+            new_units += conn.executemany(
+                "INSERT OR IGNORE INTO units (rollout, epoch, variant, hash, error) VALUES (?, ?, ?, ?, 0)", fine
+            ).rowcount
+        if new_units > 0 or new_failed > 0:
             conn.execute(
-                "UPDATE totals SET units = units + ? WHERE rollout = ? AND epoch = ? AND variant = ?",
-                (new_units, rollout, epoch, variant),
+                "UPDATE totals SET units = units + ?, error_units = error_units + ? "
+                "WHERE rollout = ? AND epoch = ? AND variant = ?",
+                (new_units, new_failed, rollout, epoch, variant),
             )
 
     def _add_slots(self, conn: sqlite3.Connection, rollout: str, slots: tuple[SlotCounts, ...]) -> None:
@@ -622,28 +631,24 @@ class SQLiteStore:
         """Return the totals of step ``epoch`` of ``rollout`` across every process, or ``None``."""
         key = (rollout, epoch)
         with self._read(f"read observations of {rollout!r}") as conn:
-            conn.execute("BEGIN")  # one snapshot for the four reads
+            conn.execute("BEGIN")  # one snapshot for the three reads
             try:
                 step = conn.execute(
                     "SELECT started_at, level FROM steps WHERE rollout = ? AND epoch = ?", key
                 ).fetchone()
                 totals = conn.execute(
-                    "SELECT variant, requests, errors FROM totals WHERE rollout = ? AND epoch = ?", key
+                    "SELECT variant, requests, errors, units, error_units FROM totals WHERE rollout = ? AND epoch = ?",
+                    key,
                 ).fetchall()
                 buckets = conn.execute(
                     "SELECT variant, bucket, count FROM histogram WHERE rollout = ? AND epoch = ?", key
-                ).fetchall()
-                level = 0 if step is None else int(step[1])
-                units = conn.execute(  # counted here: the hashes themselves never leave SQLite
-                    "SELECT variant, count(*), total(error) FROM units WHERE rollout = ? AND epoch = ? "
-                    "AND (hash & ?) = 0 GROUP BY variant",
-                    (*key, (1 << level) - 1),
                 ).fetchall()
             finally:
                 conn.execute("COMMIT")
         if step is None:
             return None
-        requests = {variant: (int(r), int(e)) for variant, r, e in totals}
+        level = int(step[1])
+        requests = {variant: (int(r), int(e)) for variant, r, e, _, _ in totals}
         histograms: dict[str, dict[int, int]] = {}
         for variant, index, count in buckets:
             histograms.setdefault(variant, {})[int(index)] = int(count)
@@ -653,7 +658,7 @@ class SQLiteStore:
         }
         snap = snapshot_from_counts(rollout, epoch, float(step[0]), level, variants)
         scale = 1 << level
-        counted = {variant: (int(n) * scale, int(e) * scale) for variant, n, e in units}
+        counted = {variant: (int(n) * scale, int(e) * scale) for variant, _, _, n, e in totals}
         old_units, old_failed = counted.get("old", (0, 0))
         new_units, new_failed = counted.get("new", (0, 0))
         return replace(
