@@ -10,7 +10,9 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +25,12 @@ from canary_router.testing import SharedStoreConformance
 from webserver import free_port, python_module, serve
 
 SPAWN = multiprocessing.get_context("spawn")
+
+
+def sql(path: Path, statement: str) -> list[tuple[Any, ...]]:
+    """Run one statement on the file through a connection of its own (committed, then closed)."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        return conn.execute(statement).fetchall()
 
 
 class TestSQLiteStore(SharedStoreConformance):
@@ -95,6 +103,31 @@ def test_sqlite_failures_surface_as_store_errors(tmp_path: Path) -> None:
     assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
 
 
+def test_a_write_blocked_past_busy_timeout_is_a_store_error(tmp_path: Path) -> None:
+    """While another connection holds the write lock, a write waits busy_timeout, then raises StoreError."""
+    store = SQLiteStore(tmp_path / "state.db", busy_timeout=0.2)
+    blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="locked"):
+            store.compare_and_set("x", None, sqlite_workers.state(5.0), sqlite_workers.record("x", 5.0))
+        assert 0.15 < time.monotonic() - started < 5
+        blocker.execute("ROLLBACK")
+        assert store.compare_and_set("x", None, sqlite_workers.state(5.0), sqlite_workers.record("x", 5.0)) == 1
+    finally:
+        blocker.close()
+        store.close()
+
+
+def test_a_file_from_a_newer_release_is_refused(tmp_path: Path) -> None:
+    """A schema version newer than this release understands is a StoreError, not a misread."""
+    SQLiteStore(tmp_path / "state.db").close()
+    sql(tmp_path / "state.db", "UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(StoreError, match="schema version 99"):
+        SQLiteStore(tmp_path / "state.db")
+
+
 def test_a_closed_store_raises_store_error(tmp_path: Path) -> None:
     """Using a store after close() raises StoreError."""
     store = SQLiteStore(tmp_path / "state.db")
@@ -107,8 +140,7 @@ def test_file_is_in_wal_mode(tmp_path: Path) -> None:
     """The database is switched to WAL mode (readers never block the writer)."""
     store = SQLiteStore(tmp_path / "state.db")
     try:
-        with sqlite3.connect(tmp_path / "state.db") as conn:
-            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert sql(tmp_path / "state.db", "PRAGMA journal_mode") == [("wal",)]
     finally:
         store.close()
 
@@ -173,8 +205,7 @@ def test_audit_log_is_bounded_per_rollout(tmp_path: Path) -> None:
         for version in range(1, 8):
             store.compare_and_set("a", version, sqlite_workers.state(5.0), sqlite_workers.record("a", 5.0))
         assert [r.version for r in store.history("a")] == [6, 7, 8]
-        with sqlite3.connect(tmp_path / "state.db") as conn:
-            assert conn.execute("SELECT count(*) FROM audit").fetchone()[0] == 3
+        assert sql(tmp_path / "state.db", "SELECT count(*) FROM audit") == [(3,)]
     finally:
         store.close()
 
@@ -205,8 +236,7 @@ def test_a_higher_sample_level_drops_hashes_outside_the_sample(tmp_path: Path) -
         )
         store.add_observations(ObservationBatch("a", 1, 0.0, 2, {"old": VariantCounts(1, 0, {}, frozenset({8}))}))
         store.add_observations(ObservationBatch("a", 1, 0.0, 0, {"old": VariantCounts(1, 0, {}, frozenset({5, 12}))}))
-        with sqlite3.connect(tmp_path / "state.db") as conn:
-            assert sorted(h for (h,) in conn.execute("SELECT hash FROM units")) == [4, 8, 12]
+        assert sql(tmp_path / "state.db", "SELECT hash FROM units ORDER BY hash") == [(4,), (8,), (12,)]
         snap = store.observations("a", 1)
         assert snap is not None
         assert snap.unit_sample_level == 2
@@ -226,8 +256,7 @@ def test_unit_hashes_are_capped_by_halving_the_sample(tmp_path: Path) -> None:
         snap = store.observations("a", 1)
         assert snap is not None
         assert (snap.unit_sample_level, snap.new.units) == (2, 400)
-        with sqlite3.connect(tmp_path / "state.db") as conn:
-            assert conn.execute("SELECT count(*) FROM units").fetchone()[0] == 100
+        assert sql(tmp_path / "state.db", "SELECT count(*) FROM units") == [(100,)]
     finally:
         store.close()
 
@@ -525,9 +554,8 @@ def test_a_wiped_state_table_is_restored_paused(tmp_path: Path) -> None:
     router = Router.from_config({**sqlite_workers.ROUTER_CONFIG, "store": f"sqlite:///{path}"}, telemetry=None)
     try:
         router.promote("r")  # 50 %
-        with sqlite3.connect(path) as conn:
-            conn.execute("DELETE FROM state")
-            conn.execute("DELETE FROM audit")
+        sql(path, "DELETE FROM state")
+        sql(path, "DELETE FROM audit")
         router.sync()
         restored = router.store.get("r")
         assert restored is not None
