@@ -773,9 +773,10 @@ _FORK_LOCK = threading.Lock()
 def _reinit_after_fork() -> None:
     global _FORK_LOCK  # noqa: PLW0603 - a lock inherited through fork may be held by a thread that is gone
     _FORK_LOCK = threading.Lock()
-    for store in list(_STORES):
-        if store._pid != os.getpid():
-            store._after_fork()
+    with _FORK_LOCK:
+        for store in list(_STORES):
+            if store._pid != os.getpid():
+                store._after_fork()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
