@@ -165,6 +165,32 @@ def test_each_change_is_announced_once_here_and_once_in_a_peer(tmp_path: Path) -
         peer.close()
 
 
+def test_a_re_created_state_is_announced_although_its_version_is_lower(tmp_path: Path) -> None:
+    """After the state table lost a rollout and someone wrote it again at version 1, subscribers hear it."""
+    store = SQLiteStore(tmp_path / "state.db", poll_interval=0.01)
+    heard: list[tuple[int, float]] = []
+    event = threading.Event()
+
+    def listener(name: str, versioned: Versioned) -> None:
+        heard.append((versioned.version, versioned.state.percent))
+        if versioned.state.percent == 50.0:
+            event.set()
+
+    store.compare_and_set("lost", None, sqlite_workers.state(5.0), sqlite_workers.record("lost", 5.0))
+    store.compare_and_set("lost", 1, sqlite_workers.state(10.0), sqlite_workers.record("lost", 10.0))
+    store.subscribe(listener)
+    peer = SQLiteStore(tmp_path / "state.db")
+    try:
+        sql(tmp_path / "state.db", "DELETE FROM state")
+        time.sleep(0.1)
+        peer.compare_and_set("lost", None, sqlite_workers.state(50.0), sqlite_workers.record("lost", 50.0))
+        assert event.wait(5), heard
+        assert heard == [(1, 50.0)]
+    finally:
+        store.close()
+        peer.close()
+
+
 def test_a_failing_subscriber_does_not_stop_the_others(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A subscriber that raises is logged; the watcher keeps delivering to every subscriber."""
     store = SQLiteStore(tmp_path / "state.db", poll_interval=0.01)

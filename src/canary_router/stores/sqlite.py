@@ -428,6 +428,10 @@ class SQLiteStore:
                 return
             self._known[name] = versioned.version
             subscribers = self._subscribers
+        self._deliver(subscribers, name, versioned)
+
+    @staticmethod
+    def _deliver(subscribers: tuple[Callable[[str, Versioned], None], ...], name: str, versioned: Versioned) -> None:
         for callback in subscribers:
             try:
                 callback(name, versioned)
@@ -471,24 +475,33 @@ class SQLiteStore:
         if data_version == self._data_version and not initial:
             return
         self._data_version = data_version
-        rows = conn.execute("SELECT name, version FROM state").fetchall()
-        changed = []
-        with self._notify_lock:
-            for name, version in rows:
+        present = {name: int(version) for name, version in conn.execute("SELECT name, version FROM state")}
+        changed: list[tuple[str, Versioned]] = []
+        with self._notify_lock:  # local writers announce under this lock too: no stale version slips in
+            for name in [name for name in self._known if name not in present]:
+                del self._known[name]  # deleted (a wiped store): whatever appears next is news
+            for name, version in present.items():
                 known = self._known.get(name)
+                if known == version:
+                    continue
                 if known is None and initial:  # what was there before the first subscription is not a change
-                    self._known[name] = int(version)
-                elif known is None or version > known:
-                    changed.append(name)
-        for name in changed:
-            row = conn.execute("SELECT version, data FROM state WHERE name = ?", (name,)).fetchone()
-            if row is not None:
+                    self._known[name] = version
+                    continue
+                # Read the row again now: a version lower than the one announced means the state was
+                # re-created (a restore after lost state), not a stale read.
+                row = conn.execute("SELECT version, data FROM state WHERE name = ?", (name,)).fetchone()
+                if row is None or int(row[0]) == known:
+                    continue
                 try:
-                    versioned = self._versioned(name, row[0], row[1])
+                    versioned = self._versioned(name, int(row[0]), row[1])
                 except StoreError as exc:
                     self._warn("unreadable", str(exc))
                     continue
-                self._announce(name, versioned)
+                self._known[name] = versioned.version
+                changed.append((name, versioned))
+            subscribers = self._subscribers
+        for name, versioned in changed:
+            self._deliver(subscribers, name, versioned)
 
     # ------------------------------------------------------------------ observations
 
