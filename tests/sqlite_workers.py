@@ -59,9 +59,9 @@ def add_counts(path: str, name: str, index: int, batches: int, barrier: Any) -> 
         store.close()
 
 
-def listen(path: str, name: str, ready: Any, heard: Any) -> None:
-    """Subscribe to the store and report the time each change of ``name`` is heard, until version 3."""
-    store = SQLiteStore(path, poll_interval=0.02)
+def listen(path: str, name: str, ready: Any, heard: Any, last: int = 3) -> None:
+    """Subscribe (default ``poll_interval``) and report the time each change of ``name`` is heard, until ``last``."""
+    store = SQLiteStore(path)
 
     def on_change(changed: str, versioned: Any) -> None:
         if changed == name:
@@ -73,7 +73,7 @@ def listen(path: str, name: str, ready: Any, heard: Any) -> None:
     try:
         while time.monotonic() < deadline:
             current = store.get(name)
-            if current is not None and current.version >= 3:
+            if current is not None and current.version >= last:
                 time.sleep(0.2)
                 return
             time.sleep(0.05)
