@@ -136,6 +136,24 @@ def test_a_closed_store_raises_store_error(tmp_path: Path) -> None:
         store.get("checkout")
 
 
+def test_close_stops_the_watcher_and_keeps_it_stopped(tmp_path: Path) -> None:
+    """close() ends the watcher thread; subscribing to a closed store starts none; the file stays usable."""
+    store = SQLiteStore(tmp_path / "state.db", poll_interval=0.01)
+    store.subscribe(lambda name, versioned: None)
+    watcher = store._watcher
+    assert watcher is not None
+    assert watcher.is_alive()
+    store.close()
+    assert not watcher.is_alive()
+    store.subscribe(lambda name, versioned: None)
+    assert store._watcher is None
+    reopened = SQLiteStore(tmp_path / "state.db")
+    try:
+        reopened.ping()
+    finally:
+        reopened.close()
+
+
 def test_file_is_in_wal_mode(tmp_path: Path) -> None:
     """The database is switched to WAL mode (readers never block the writer)."""
     store = SQLiteStore(tmp_path / "state.db")
