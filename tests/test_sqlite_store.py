@@ -136,6 +136,27 @@ def test_a_closed_store_raises_store_error(tmp_path: Path) -> None:
         store.get("checkout")
 
 
+def test_subscribing_while_the_file_is_unreachable_keeps_trying(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """subscribe() does not raise when the file cannot be opened; once it can, changes are heard."""
+    home = tmp_path / "run"
+    home.mkdir()
+    store = SQLiteStore(home / "state.db", poll_interval=0.01)
+    heard = threading.Event()
+    try:
+        home.rename(tmp_path / "away")  # the watcher's connection cannot open run/state.db now
+        store.subscribe(lambda name, versioned: heard.set())
+        assert "cannot watch for changes" in caplog.text
+        (tmp_path / "away").rename(home)
+        peer = SQLiteStore(home / "state.db")
+        peer.compare_and_set("x", None, sqlite_workers.state(5.0), sqlite_workers.record("x", 5.0))
+        peer.close()
+        assert heard.wait(5)
+    finally:
+        store.close()
+
+
 def test_close_stops_the_watcher_and_keeps_it_stopped(tmp_path: Path) -> None:
     """close() ends the watcher thread; subscribing to a closed store starts none; the file stays usable."""
     store = SQLiteStore(tmp_path / "state.db", poll_interval=0.01)

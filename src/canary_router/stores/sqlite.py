@@ -407,7 +407,8 @@ class SQLiteStore:
         """Call ``callback(name, versioned)`` after every change, made by this process or any other.
 
         Changes made here are announced at once; changes made by other processes within about
-        ``poll_interval`` seconds, by a background thread that the first subscription starts.
+        ``poll_interval`` seconds, by a background thread that the first subscription starts. Never
+        raises for an unreachable file: the thread keeps trying.
         """
         self._check_pid()
         with self._notify_lock:
@@ -443,8 +444,12 @@ class SQLiteStore:
             if self._watcher is not None or self._closed:
                 return
             # The first look happens here, before subscribe() returns: a change made after it is announced.
-            with self._errors("watch for changes"):
-                self._poll(initial=True)
+            # Should the file not answer now, the watcher keeps trying, and announces what it then finds.
+            try:
+                with self._errors("watch for changes"):
+                    self._poll(initial=True)
+            except StoreError as exc:
+                self._warn("watch", str(exc))
             stop = self._stop
             ref = weakref.ref(self)
             interval = self._poll_interval
