@@ -408,18 +408,18 @@ def test_cli_reads_the_secret_from_the_environment() -> None:
         (["--rollout", "check|out"], SECRET.decode(), "--rollout: expected a rollout name"),
     ],
 )
-def test_cli_errors_are_one_line_and_exit_1(args: list[str], secret: str | None, message: str) -> None:
-    """A missing or short secret, a bad variant, ttl or rollout name: one line on stderr, exit 1, no traceback."""
+def test_cli_errors_are_one_line_and_exit_2(args: list[str], secret: str | None, message: str) -> None:
+    """A missing or short secret, a bad variant, ttl or rollout name: one line on stderr, exit 2, no traceback."""
     options = {"--rollout": "checkout", "--variant": "new", "--ttl": "1h"}
     for flag, value in zip(args[::2], args[1::2], strict=True):
         options[flag] = value
     argv = [item for pair in options.items() for item in pair]
     result = run("override-token", *argv, secret=secret)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith(f"canary-router: override-token: {message}")
+    assert lines[0].startswith(f"canary-router: error: {message}")
     assert "Traceback" not in result.stderr
 
 
