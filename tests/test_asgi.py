@@ -869,3 +869,105 @@ def test_example_readme_gives_one_command() -> None:
     assert len(blocks) == 1
     assert "uvicorn" in blocks[0]
     assert "app:app" in blocks[0]
+
+
+# ------------------------------------------------------------------------------------------ the fast paths
+
+VISITOR = "0123456789abcdef0123456789abcdef"
+BROWSER: list[tuple[bytes, bytes]] = [
+    (b"host", b"shop.example.com"),
+    (b"user-agent", b"Mozilla/5.0"),
+    (b"accept", b"*/*"),
+    (b"accept-language", b"de-CH, en;q=0.5"),
+    (b"cookie", f"canary_vid={VISITOR}; theme=dark".encode()),
+    (b"x-user-id", "josé".encode()),
+]
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        http_scope(BROWSER),
+        http_scope(BROWSER, client=("10.0.0.5", 1), query_string=b"canary_override=junk&a=1"),
+        http_scope([*BROWSER, (b"x-forwarded-for", b"203.0.113.9, 10.0.0.7")], client=("10.0.0.5", 1)),
+        http_scope([*BROWSER, (b"cookie", b"b=2"), (b"x-user-id", b"second")]),  # repeated: joined
+        http_scope([*BROWSER, (b"accept", b"text/html")]),  # a repeated header nobody reads
+        http_scope([*BROWSER, (b"host", b"\xff\xfe")]),  # not UTF-8: dropped and counted
+        http_scope(tuple(BROWSER), client=None, scheme="https"),
+        http_scope([(b"x-canary-override", b"forged")], client=["127.0.0.1", 1]),
+        http_scope(iter(BROWSER)),  # an iterator: read once, by the general path
+        http_scope([("host", "text-names")]),  # str pairs: the careful path
+        http_scope(BROWSER, method=b"GET"),  # a value of the wrong type: the careful path
+        {"type": "http", "headers": BROWSER},  # the bare minimum
+    ],
+)
+def test_fast_scope_reading_decides_like_the_general_path(router: Router, scope: Scope) -> None:
+    """The one-pass reading of a usual scope gives what the general (and careful) reading gives, counters too."""
+    options: dict[str, Any] = {
+        "secret": KEY,
+        "trusted_proxies": ["10.0.0.0/8", "127.0.0.1"],
+        "user_header": "x-user-id",
+    }
+    fast = CanaryMiddleware(PlainTextResponse("ok"), router=router, **options)
+    general = CanaryMiddleware(PlainTextResponse("ok"), router=router, **options)
+    if isinstance(scope.get("headers"), Iterator):
+        fast_scope, general_scope = dict(scope, headers=iter(BROWSER)), dict(scope, headers=iter(BROWSER))
+    else:
+        fast_scope, general_scope = scope, scope
+    context, decisions, set_cookies, variant = fast._resolve(fast_scope, "http")
+    info = general._general_info(general_scope, "http")
+    expected = general.resolver.resolve(info)
+    visitor = {"session_id": context["session_id"]}  # random for a new visitor: compared apart
+    assert dict(context) == {**dict(expected.context), **visitor}
+    assert context.overrides == expected.context.overrides
+    assert [c.split("=")[0] for c in set_cookies] == [c.split("=")[0] for c in expected.set_cookies]
+    assert variant == expected.variant_header
+    assert fast.resolver.counters == general.resolver.counters
+    for name in CONFIG["rollouts"]:
+        assert decisions[name].reason == expected.decisions[name].reason
+
+
+def test_fast_scope_reading_keeps_user_ids_and_joined_headers(router: Router) -> None:
+    """Spot checks of what the equivalence test compares: UTF-8 user ids, joined cookies, dropped bad bytes."""
+    middleware = CanaryMiddleware(
+        PlainTextResponse("ok"), router=router, trusted_proxies=["127.0.0.1"], user_header="x-user-id"
+    )
+    context = middleware._resolve(http_scope(BROWSER), "http")[0]
+    assert (context["user_id"], context["session_id"], context["accept_language"]) == ("josé", VISITOR, "de-CH")
+    split = [(b"cookie", b"theme=dark"), (b"cookie", f"canary_vid={VISITOR}".encode())]  # HTTP/2 splits Cookie
+    assert middleware._resolve(http_scope(split), "http")[0]["session_id"] == VISITOR
+    assert "host" not in middleware._resolve(http_scope([(b"host", b"\xff")]), "http")[0]
+    assert middleware.resolver.counters["malformed_input"] == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "sent"),
+    [
+        ([(b"content-type", b"text/plain")], [(b"content-type", b"text/plain"), (b"vary", b"Cookie")]),
+        ((h for h in [(b"vary", b"Accept")]), [(b"vary", b"Accept, Cookie")]),  # an iterator, read once
+        ([(b"Vary", b"cookie")], [(b"Vary", b"cookie")]),
+        ([(b"vary", b"*"), (b"vary", b"Accept")], [(b"vary", b"*"), (b"vary", b"Accept")]),
+        ([(b"vary", b"")], [(b"vary", b"Cookie")]),
+        (None, [(b"vary", b"Cookie")]),
+        ([("vary", "Accept")], [("vary", "Accept"), (b"vary", b"Cookie")]),  # str names are not a Vary to us
+    ],
+)
+def test_response_headers_get_cookie_in_vary_and_the_extra_headers(headers: Any, sent: list[Any]) -> None:
+    """``Cookie`` is merged into the app's Vary (or added), the extra headers follow, the app's list is untouched."""
+    from canary_router.asgi import _with_headers
+
+    message: Message = {"type": "http.response.start", "status": 200, "headers": headers}
+    before = list(headers) if isinstance(headers, list) else None
+    extra = [(b"set-cookie", b"a=1")]
+    out = _with_headers(message, extra, True)
+    assert out["headers"] == [*sent, *extra]
+    assert out is not message
+    assert message["headers"] is headers
+    if before is not None:
+        assert headers == before
+    assert _with_headers({"type": "http.response.start", "headers": [(b"x", b"1")]}, extra, False)["headers"] == [
+        (b"x", b"1"),
+        *extra,
+    ]
+    malformed = {"type": "http.response.start", "headers": [(b"only-a-name",)]}
+    assert _with_headers(malformed, extra, True) is malformed

@@ -774,3 +774,94 @@ def test_pins_reach_code_that_decides_from_the_context() -> None:
     router.rollback("r")
     last = resolver.resolve(RequestInfo(user_id=users[0], headers={"cookie": cookies[users[0]]}))
     assert router.decide("r", last.context).reason == "rolled_back"
+
+
+# ------------------------------------------------------------------------------------------ the fast paths
+
+
+def reference_cookies(header: str | None, wanted: set[str]) -> dict[str, str]:
+    """The cookie lookup written plainly: the first ``name=`` at a pair boundary, trimmed, unquoted, printable."""
+    if not header or len(header) > 8192:
+        return {}
+    found: dict[str, str] = {}
+    for name in wanted:
+        for match in re.finditer(re.escape(name + "="), header):
+            at = match.start()
+            if at == 0 or header[at - 1] in "; ":
+                value = header[match.end() :].split(";", 1)[0].strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                if len(value) <= 4096 and value.isprintable():
+                    found[name] = value
+                break
+    return found
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["canary_vid", "xcanary_vid", "canary_override", "a", "canary_vid ", ""]),
+            st.text(alphabet='ab0f;=" \t\x00é', max_size=12),
+        ),
+        max_size=5,
+    ),
+    st.sampled_from(["; ", ";", " ", ""]),
+)
+def test_cookie_lookup_matches_a_plain_reference(pairs: list[tuple[str, str]], separator: str) -> None:
+    """The resolver's cookie lookup agrees with a plain reference on arbitrary, partly malformed headers."""
+    header = separator.join(f"{name}={value}" for name, value in pairs)
+    wanted = {"canary_vid", "canary_override", "a"}
+    assert parse_cookies(header, wanted) == reference_cookies(header, wanted)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789abcdefABx\u00b2\u0663", min_size=30, max_size=34))
+def test_visitor_id_check_accepts_exactly_32_lower_case_hex_digits(value: str) -> None:
+    """A visitor cookie is kept only when it is 32 lower-case hex digits, whatever else it looks like."""
+    web = resolver()
+    resolution = web.resolve(request(cookies={"canary_vid": value}))
+    valid = len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    assert (resolution.context["session_id"] == value) is valid
+    assert (resolution.set_cookies == []) is valid
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        request(user_id="u-1", path="/a", method="POST", query_string="x=1", scheme="https"),
+        request(headers={"host": "shop.example", "user-agent": "UA", "accept-language": "de-CH, en;q=0.5"}),
+        request(headers={"accept-language": " ;q=1"}, peer="not an address"),
+        request(headers={"x-forwarded-for": "203.0.113.9, 10.0.0.7"}, peer="10.0.0.5"),
+        request(headers={"x-forwarded-for": "junk, 10.0.0.7", "x-user-id": "gateway-user"}, peer="10.0.0.5"),
+        request(headers={"x-user-id": "from-a-client"}, peer="198.51.100.4"),
+        request(cookies={"canary_vid": "0123456789abcdef0123456789abcdef"}, peer=None),
+    ],
+)
+def test_resolving_from_fields_matches_resolving_a_request_info(info: RequestInfo) -> None:
+    """The adapters' field-by-field entry gives what ``resolve(RequestInfo)`` gives, attributes callable included."""
+    seen: list[RequestInfo] = []
+
+    def attributes(given: RequestInfo) -> dict[str, str]:
+        seen.append(given)
+        return {"plan": "pro"}
+
+    options: dict[str, Any] = {
+        "trusted_proxies": ("10.0.0.0/8",),
+        "user_header": "x-user-id",
+        "country_header": "cf-ipcountry",
+        "attributes": attributes,
+    }
+    one, two = resolver(**options), resolver(**options)
+    whole = one.resolve(info)
+    fields = (info.method, info.path, info.scheme, info.query_string, info.peer, info.headers, info.user_id)
+    context, decisions, set_cookies, variant = two._resolve(*fields)
+    visitor = {"session_id": context["session_id"]}  # random for a new visitor: compared apart
+    assert {**dict(whole.context), **visitor} == dict(context)
+    assert whole.context.get("session_id") is not None
+    assert len(whole.set_cookies) == len(set_cookies)
+    assert whole.variant_header == variant
+    assert one.counters == two.counters
+    assert seen[0] == seen[1] == info  # the callable gets an equal RequestInfo either way
+    for name in ("checkout", "search"):
+        assert whole.decisions[name].reason == decisions[name].reason

@@ -28,9 +28,10 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
 
 from .context import _EMPTY_CONTEXT, _current
-from .web import RequestInfo, Resolution, WebOptions, WebResolver
+from .web import RequestInfo, WebOptions, WebResolver, _Parts
 
 if TYPE_CHECKING:
+    from .context import Context
     from .model import Decision
     from .router import Router
 
@@ -76,6 +77,7 @@ class WebOptionKeywords(TypedDict, total=False):
 
 
 _VARY = (b"vary", b"Cookie")
+_NO_HEADERS: list[_Header] = []  # shared, never written to
 _MAX_HEADER_ITEMS = 1000
 _PEER = (str, type(None))
 
@@ -91,7 +93,7 @@ class CanaryMiddleware:
     per-request state stays in the call.
     """
 
-    __slots__ = ("_wanted", "app", "new_app", "resolver", "rollout")
+    __slots__ = ("_names_get", "_vary", "_wanted", "app", "new_app", "resolver", "rollout")
 
     def __init__(
         self,
@@ -129,6 +131,8 @@ class CanaryMiddleware:
         self._wanted: dict[bytes, tuple[str, str]] = {
             name.encode("latin-1"): (name, "; " if name == "cookie" else ", ") for name in options.wanted_headers
         }
+        self._names_get = {name: key for name, (key, _) in self._wanted.items()}.get
+        self._vary = self.resolver._vary
 
     def __repr__(self) -> str:
         split = f", rollout={self.rollout!r}" if self.rollout is not None else ""
@@ -143,40 +147,47 @@ class CanaryMiddleware:
         if kind != "http" and kind != "websocket":  # noqa: PLR1714  # two comparisons beat a tuple on the hot path
             await self.app(scope, receive, send)
             return
-        resolution = self._resolve(scope, kind)
+        context, decisions, set_cookies, variant = self._resolve(scope, kind)
         try:
             state = scope.get("state")
             if state is None:
-                scope["state"] = state = {}
-            state["canary"] = resolution.decisions
-            state["canary_context"] = resolution.context
+                scope["state"] = {"canary": decisions, "canary_context": context}
+            else:
+                state["canary"] = decisions
+                state["canary_context"] = context
         except Exception:  # an immutable scope or state: the ambient context still works
             self.resolver._count("malformed_input")
-        if kind == "http":
-            set_cookies = resolution.set_cookies
-            if set_cookies or resolution.vary_cookie or resolution.variant_header is not None:
-                send = _header_send(send, resolution)
+        if kind == "http" and (self._vary or set_cookies or variant is not None):
+            send = _header_send(send, set_cookies, variant, self._vary)
         outer = _current.get()  # lay the request's context over an enclosing one, as the other adapters do
-        token = _current.set(resolution.context if outer is _EMPTY_CONTEXT else outer.merge(resolution.context))
+        token = _current.set(context if outer is _EMPTY_CONTEXT else outer.merge(context))
         try:
             if self.new_app is None:
                 await self.app(scope, receive, send)
             else:
-                await self._split(scope, receive, send, resolution, kind)
+                await self._split(scope, receive, send, decisions, context, kind)
         finally:
             try:  # noqa: SIM105  # contextlib.suppress costs a context manager per request
                 _current.reset(token)
             except ValueError:  # pragma: no cover - only if the coroutine was resumed in another context
                 pass
 
-    async def _split(self, scope: Scope, receive: Receive, send: Send, resolution: Resolution, kind: str) -> None:
+    async def _split(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        decisions: Mapping[str, Decision],
+        context: Context,
+        kind: str,
+    ) -> None:
         """Route the request by the split rollout's decision; observe HTTP requests for the guard."""
         name = cast("str", self.rollout)  # split mode sets both
         new_app = cast("ASGIApp", self.new_app)
         router = self.resolver.router
-        decision: Decision | None = resolution.decisions.get(name)
+        decision: Decision | None = decisions.get(name)
         if decision is None:  # pragma: no cover - __init__ adds the rollout to the decided ones
-            decision = router.decide(name, resolution.context)
+            decision = router.decide(name, context)
         app = new_app if decision[0] == "new" else self.app
         if kind != "http":  # a WebSocket's lifetime is no request latency: routed, not observed
             await app(scope, receive, send)
@@ -207,15 +218,46 @@ class CanaryMiddleware:
             name, decision, not failed, (end or perf_counter()) - start, error_type=str(status) if failed else None
         )
 
-    def _resolve(self, scope: Scope, kind: str) -> Resolution:
-        """Resolve the request; odd scopes take the careful path, and the resolver itself never raises."""
-        resolver = self.resolver
+    def _resolve(self, scope: Scope, kind: str) -> _Parts:
+        """Resolve the request; odd scopes take the careful path, and the resolver itself never raises.
+
+        The usual scope (header names and values as ``bytes``, each wanted header once, all UTF-8) is read
+        in one pass straight into the resolver's arguments; anything else raises there and goes through
+        :meth:`_info`, which joins repeated headers and drops undecodable ones, and then, if the scope is
+        malformed, :meth:`_careful_info`. Both ways give the same answer for the usual scope.
+        """
         try:
-            info = self._info(scope, kind)
+            names = self._names_get
+            headers: dict[str, str] = {}
+            for name, value in scope["headers"]:
+                key = names(name)
+                if key is not None:
+                    if key in headers:  # a repeated header: joined by the general path
+                        raise LookupError(key)
+                    headers[key] = value.decode()
+            client = scope.get("client")
+            peer = client[0] if client else None
+            method = scope.get("method") or "GET"
+            path = scope.get("path") or "/"
+            scheme = scope.get("scheme") or ("http" if kind == "http" else "ws")
+            if type(method) is not str or type(path) is not str or type(scheme) is not str or type(peer) not in _PEER:
+                raise TypeError("a scope value of the wrong type")
+            query = scope.get("query_string")
+            query_text = query.decode("latin-1") if query else ""
         except Exception:
-            resolver._count("malformed_input")
-            info = self._careful_info(scope, kind)
-        return resolver.resolve(info)
+            info = self._general_info(scope, kind)
+            return self.resolver._resolve(
+                info.method, info.path, info.scheme, info.query_string, info.peer, info.headers, None, info
+            )
+        return self.resolver._resolve(method, path, scheme, query_text, peer, headers, None)
+
+    def _general_info(self, scope: Scope, kind: str) -> RequestInfo:
+        """The request info of any scope: :meth:`_info`, or for a malformed scope :meth:`_careful_info`."""
+        try:
+            return self._info(scope, kind)
+        except Exception:
+            self.resolver._count("malformed_input")
+            return self._careful_info(scope, kind)
 
     def _info(self, scope: Scope, kind: str) -> RequestInfo:
         """Build the request info from a well-formed scope, reading only the wanted headers, in one pass."""
@@ -285,19 +327,19 @@ def _get(scope: Scope, key: str) -> Any:
         return None
 
 
-def _header_send(send: Send, resolution: Resolution) -> Send:
-    """Wrap ``send`` to add the resolution's response headers to ``http.response.start``."""
-    extra: list[_Header] = []
-    for cookie in resolution.set_cookies:
-        extra.append((b"set-cookie", cookie.encode("latin-1", "replace")))
-    if resolution.variant_header is not None:
-        extra.append((b"canary-variant", resolution.variant_header.encode("latin-1", "replace")))
-    vary = resolution.vary_cookie
+def _header_send(send: Send, set_cookies: list[str], variant: str | None, vary: bool) -> Send:
+    """Wrap ``send`` to add the response headers of a resolution to ``http.response.start``."""
+    extra = _NO_HEADERS
+    if set_cookies or variant is not None:
+        extra = [(b"set-cookie", cookie.encode("latin-1", "replace")) for cookie in set_cookies]
+        if variant is not None:
+            extra.append((b"canary-variant", variant.encode("latin-1", "replace")))
 
-    async def send_with_headers(message: Message) -> None:
+    def send_with_headers(message: Message) -> Awaitable[None]:
+        # A plain function returning the server's awaitable: no coroutine of our own per message.
         if message.get("type") == "http.response.start":
             message = _with_headers(message, extra, vary)
-        await send(message)
+        return send(message)
 
     return send_with_headers
 
@@ -309,28 +351,36 @@ def _with_headers(message: Message, extra: list[_Header], vary: bool) -> Message
     from the app leave the message as it was.
     """
     try:
-        headers: list[Any] = list(message.get("headers") or ())
+        headers: Any = message.get("headers") or ()
+        if type(headers) is not list and type(headers) is not tuple:  # an iterator could be read only once
+            headers = list(headers)
         if vary:
-            first = -1
-            covered = False
-            for index, (name, value) in enumerate(headers):
-                if name.lower() == b"vary":
-                    tokens = {token.strip().lower() for token in bytes(value).split(b",")}
-                    if b"cookie" in tokens or b"*" in tokens:
-                        covered = True
-                        break
-                    if first < 0:
-                        first = index
-            if not covered:
-                if first < 0:
-                    headers.append(_VARY)
-                else:
-                    name, value = headers[first]
-                    value = bytes(value).strip()
-                    headers[first] = (name, value + b", Cookie" if value else b"Cookie")
-        headers.extend(extra)
-        copy = dict(message)
-        copy["headers"] = headers
-        return copy
+            for name, _ in headers:
+                if len(name) == 4 and name.lower() == b"vary":
+                    merged = _merge_vary(headers)
+                    merged += extra
+                    return {**message, "headers": merged}
+            return {**message, "headers": [*headers, _VARY, *extra]}  # the usual case: the app sent no Vary
+        return {**message, "headers": [*headers, *extra]}
     except Exception:
         return message
+
+
+def _merge_vary(headers: list[Any]) -> list[Any]:
+    """A copy of ``headers`` with ``Cookie`` in its ``Vary`` (added to the first one, unless one covers it)."""
+    headers = list(headers)
+    first = -1
+    for index, (name, value) in enumerate(headers):
+        if name.lower() == b"vary":
+            tokens = {token.strip().lower() for token in bytes(value).split(b",")}
+            if b"cookie" in tokens or b"*" in tokens:
+                return headers
+            if first < 0:
+                first = index
+    if first < 0:  # pragma: no cover - only called when there is a Vary
+        headers.append(_VARY)
+    else:
+        name, value = headers[first]
+        value = bytes(value).strip()
+        headers[first] = (name, value + b", Cookie" if value else b"Cookie")
+    return headers

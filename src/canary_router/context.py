@@ -132,6 +132,23 @@ class Context(Mapping[str, Any]):
         return Context(attrs, overrides=merged, pins=pins)
 
 
+_new_context = Context.__new__
+_set_attrs = Context.__dict__["_attrs"].__set__  # the slots' own setters skip the immutability guard
+_set_overrides = Context.__dict__["_overrides"].__set__
+_set_pins = Context.__dict__["_pins"].__set__
+
+
+def _make_context(
+    attrs: dict[str, Any], overrides: Mapping[str, Variant] = _EMPTY, pins: Mapping[str, Variant] = _EMPTY
+) -> Context:
+    """A context that owns ``attrs`` as they are (no copy, no checks): for trusted callers that built them."""
+    context = _new_context(Context)
+    _set_attrs(context, attrs)
+    _set_overrides(context, overrides)
+    _set_pins(context, pins)
+    return context
+
+
 _EMPTY_CONTEXT = Context()
 _current: ContextVar[Context] = ContextVar("canary_router_context", default=_EMPTY_CONTEXT)
 
@@ -167,11 +184,7 @@ class use_context:  # used as a function: ``with use_context(...)``
                 attrs.update(kwargs)
             else:
                 attrs = kwargs
-            ctx = Context.__new__(Context)
-            object.__setattr__(ctx, "_attrs", attrs)
-            object.__setattr__(ctx, "_overrides", _EMPTY)
-            object.__setattr__(ctx, "_pins", _EMPTY)
-            self._context = ctx
+            self._context = _make_context(attrs)
         else:
             self._context = base.merge(attributes, overrides=overrides, **kwargs)
         self._token: Token[Context] | None = None

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .context import Context
+from .context import Context, _new_context, _set_attrs, _set_overrides, _set_pins
 from .model import Decision, Reason, Variant
 from .overrides import decode_pins, encode_pins, resolve_secret, sign_value, verify_token, verify_value
 
@@ -34,11 +34,13 @@ __all__ = ["RequestInfo", "Resolution", "WebOptions", "WebResolver", "parse_cook
 
 _log = logging.getLogger("canary_router")
 
-_HEX_DIGITS = "0123456789abcdef"  # a visitor id is 32 of these
+_VISITOR_ID = re.compile(r"[0-9a-f]{32}").fullmatch  # 128 random bits as lower-case hex
 _MAX_COOKIE_HEADER = 8192
 _MAX_HEADER = 4096
 _MAX_ATTRIBUTE = 512
 _TOKEN_SEPARATOR = "~"  # noqa: S105  # separates tokens in the cookie
+_NO_COOKIES: Mapping[str, str] = {}  # shared, never written to
+_NO_VARIANTS: Mapping[str, Variant] = {}  # shared, never written to
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -165,14 +167,17 @@ class LazyDecisions(Mapping[str, Decision]):
         self._router = router
         self._context = context
         self._names = names
-        self._decided: dict[str, Decision] = {}
+        self._decided: dict[str, Decision] | None = None  # made on the first decision
 
     def __getitem__(self, name: str) -> Decision:
-        decision = self._decided.get(name)
+        decided = self._decided
+        if decided is None:
+            decided = self._decided = {}
+        decision = decided.get(name)
         if decision is None:
             if name not in self._names:
                 raise KeyError(name)
-            decision = self._decided[name] = self._router.decide(name, self._context)
+            decision = decided[name] = self._router.decide(name, self._context)
         return decision
 
     def __iter__(self) -> Iterator[str]:
@@ -211,23 +216,37 @@ def parse_cookies(header: str | None, wanted: Iterable[str]) -> dict[str, str]:
     Looks each wanted name up directly (the header may hold dozens of other cookies), taking the first
     occurrence at a pair boundary, as browsers send the most specific cookie first.
     """
-    if not header or len(header) > _MAX_COOKIE_HEADER:
+    if not header:
         return {}
+    return _find_cookies(header, _cookie_keys(wanted))
+
+
+def _cookie_keys(names: Iterable[str]) -> tuple[tuple[str, str, int], ...]:
+    """``(name, "name=", len("name="))`` for each cookie name: what :func:`_find_cookies` looks for."""
+    return tuple((name, name + "=", len(name) + 1) for name in names)
+
+
+def _find_cookies(header: str, keys: tuple[tuple[str, str, int], ...]) -> dict[str, str]:
+    """:func:`parse_cookies` with the names prepared once by :func:`_cookie_keys` (the resolver's per-request form)."""
     found: dict[str, str] = {}
-    for name in wanted:
-        key = name + "="
+    if len(header) > _MAX_COOKIE_HEADER:
+        return found
+    for name, key, size in keys:
+        if key not in header:  # the usual answer for most names, and cheaper than find()
+            continue
         at = header.find(key)
         while at > 0 and header[at - 1] not in "; ":  # "xcanary_vid=" is another cookie: look further
             at = header.find(key, at + 1)
-        if at < 0:
-            continue
-        start = at + len(key)
-        end = header.find(";", start)
-        value = (header[start:] if end < 0 else header[start:end]).strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        if len(value) <= _MAX_HEADER and value.isprintable():
-            found[name] = value
+            if at < 0:
+                break
+        else:
+            start = at + size
+            end = header.find(";", start)
+            value = (header[start:] if end < 0 else header[start:end]).strip()
+            if value[:1] == '"' and len(value) >= 2 and value[-1] == '"':
+                value = value[1:-1]
+            if len(value) <= _MAX_HEADER and value.isprintable():
+                found[name] = value
     return found
 
 
@@ -261,32 +280,47 @@ def _pin_kind(identity: object) -> str:
     return f"pin:{len(text)}:{text}"
 
 
+_Parts = tuple[Context, Mapping[str, Decision], list[str], str | None]
+"""What the adapters need of a resolution: context, decisions, ``Set-Cookie`` values, ``Canary-Variant`` value."""
+
+
 class WebResolver:
     """Resolves requests for one router with one set of :class:`WebOptions`. Thread-safe; never raises."""
 
     def __init__(self, router: Router, options: WebOptions | None = None) -> None:
         self.router = router
-        self.options = options or WebOptions()
-        names = self.options.rollouts
+        self.options = opts = options or WebOptions()
+        names = opts.rollouts
         if names is not None:
             for name in names:
                 router._require(name)
         self._names: tuple[str, ...] = names if names is not None else tuple(router.rollouts)
         self._peers: dict[str, tuple[str | None, bool]] = {}
+        self._languages: dict[str, str] = {}  # Accept-Language value -> its first tag (few distinct values)
+        key = opts._key
+        self._key = key
+        # Cookies are looked for only when something reads them: the override cookie and a signed user cookie
+        # mean nothing without the secret (and a user cookie or affinity without one is refused up front).
         self._cookies = frozenset(
             n
             for n in (
-                self.options.visitor_cookie,
-                self.options.pin_cookie if self.options.affinity else None,
-                self.options.override_cookie,
-                self.options.user_cookie,
+                opts.visitor_cookie,
+                opts.pin_cookie if opts.affinity else None,
+                opts.override_cookie if key is not None else None,
+                opts.user_cookie,
             )
             if n
         )
-        opts = self.options
+        self._cookie_keys = _cookie_keys(sorted(self._cookies))
+        self._geo = tuple(
+            (attribute, header)
+            for attribute, header in (("country", opts.country_header), ("region", opts.region_header))
+            if header
+        )
+        self._eager = opts.affinity or opts.variant_header
         # Whether a response can depend on a cookie. Vary must then be on every response, not only the ones a
         # cookie changed: a shared cache keeps a response without Vary for every request of that URL.
-        self._vary = bool(opts.visitor_cookie or opts.user_cookie or opts.affinity or opts._key is not None)
+        self._vary = bool(opts.visitor_cookie or opts.user_cookie or opts.affinity or key is not None)
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {
             "overrides_accepted": 0,
@@ -321,13 +355,17 @@ class WebResolver:
 
     def client_ip(self, info: RequestInfo) -> str | None:
         """The client address: the peer, or (behind trusted proxies only) the last untrusted X-Forwarded-For hop."""
-        networks = self.options._networks
         address, trusted = self._peer(info.peer)
         if not trusted:
             return address
-        forwarded = info.headers.get("x-forwarded-for")
+        return self._forwarded_client(address, info.headers)
+
+    def _forwarded_client(self, address: str | None, headers: Mapping[str, str]) -> str | None:
+        """The client behind the trusted peer ``address``, from ``X-Forwarded-For`` (walked from the right)."""
+        forwarded = headers.get("x-forwarded-for")
         if not forwarded or len(forwarded) > _MAX_HEADER:
             return address
+        networks = self.options._networks
         hops = [_ip(h) for h in forwarded.rsplit(",", 32)[-32:]]  # the right end is what our proxies wrote
         client = address
         for hop in reversed(hops):
@@ -339,109 +377,147 @@ class WebResolver:
                 break
         return client
 
+    def _language(self, value: str) -> str:
+        """The first tag of an ``Accept-Language`` value, at most 64 characters ("" when there is none); cached."""
+        first = self._languages.get(value)
+        if first is None:
+            first = value.split(",", 1)[0].split(";", 1)[0].strip()[:64]
+            if len(value) <= _MAX_ATTRIBUTE:  # bounded, like the peers: odd values are not kept
+                if len(self._languages) >= 1024:
+                    self._languages.clear()
+                self._languages[value] = first
+        return first
+
     def resolve(self, info: RequestInfo) -> Resolution:
         """Build the request's context and decisions; never raises (falls back to deciding on an empty context)."""
+        context, decisions, set_cookies, header = self._resolve(
+            info.method, info.path, info.scheme, info.query_string, info.peer, info.headers, info.user_id, info
+        )
+        return Resolution(context, decisions, set_cookies, self._vary, header)
+
+    def _resolve(
+        self,
+        method: str,
+        path: str,
+        scheme: str,
+        query: str,
+        peer: str | None,
+        headers: Mapping[str, str],
+        user_id: str | None,
+        info: RequestInfo | None = None,
+    ) -> _Parts:
+        """:meth:`resolve` from the request's fields (an adapter need not build a :class:`RequestInfo`); never raises.
+
+        One function on purpose: it runs on every request, and each call saved is a measurable share of it.
+        """
         try:
-            return self._resolve(info)
+            opts = self.options
+            key = self._key
+            cookies: Mapping[str, str] = _NO_COOKIES
+            if self._cookie_keys:
+                cookie_header = headers.get("cookie")
+                if cookie_header:
+                    cookies = _find_cookies(cookie_header, self._cookie_keys)
+            set_cookies: list[str] = []
+            if peer is None:
+                client: str | None = None
+                trusted = False
+            else:
+                cached = self._peers.get(peer)
+                client, trusted = cached if cached is not None else self._peer(peer)
+                if trusted and "x-forwarded-for" in headers:
+                    client = self._forwarded_client(client, headers)
+
+            attrs: dict[str, Any] = {}
+            user = user_id
+            if user is None and trusted and opts.user_header:
+                value = headers.get(opts.user_header)
+                if value and len(value) <= _MAX_ATTRIBUTE and value.isprintable():
+                    user = value
+            if user is None and opts.user_cookie:
+                signed = cookies.get(opts.user_cookie)
+                if signed:
+                    user = verify_value(key, "user", signed)
+                    if user is None:
+                        self._count("malformed_input")
+            if user is not None and user != "":
+                attrs["user_id"] = user
+
+            visitor_cookie = opts.visitor_cookie
+            if visitor_cookie:
+                visitor = cookies.get(visitor_cookie)
+                if visitor is None or _VISITOR_ID(visitor) is None:
+                    if visitor is not None:
+                        self._count("malformed_input")
+                    visitor = secrets.token_hex(16)
+                    secure = scheme == "https" or scheme == "wss"  # noqa: PLR1714  # no tuple on the hot path
+                    set_cookies.append(self._cookie(visitor_cookie, visitor, opts.visitor_max_age, secure))
+                attrs["session_id"] = visitor
+
+            attrs["path"] = path[:_MAX_ATTRIBUTE]
+            attrs["method"] = method
+            host = headers.get("host")
+            if host:
+                attrs["host"] = host[:_MAX_ATTRIBUTE]
+            if client:
+                attrs["client_ip"] = client
+            agent = headers.get("user-agent")
+            if agent:
+                attrs["user_agent"] = agent[:_MAX_ATTRIBUTE]
+            language = headers.get("accept-language")
+            if language:
+                first = self._languages.get(language)
+                if first is None:
+                    first = self._language(language)
+                if first:
+                    attrs["accept_language"] = first
+            if trusted:
+                for attribute, header in self._geo:
+                    value = headers.get(header)
+                    if value and len(value) <= 64 and value.isprintable():
+                        attrs[attribute] = value.strip()
+            if opts.attributes is not None:
+                if info is None:
+                    info = RequestInfo(method, path, scheme, query, peer, headers, user_id)
+                try:
+                    attrs.update(opts.attributes(info))
+                except Exception as exc:
+                    self.router._warn("web-attributes", f"the attributes callable failed: {exc!r}")
+
+            overrides: Mapping[str, Variant] = _NO_VARIANTS
+            if key is not None and (
+                (opts.override_cookie in cookies)
+                or (opts.override_header and opts.override_header in headers)
+                or (opts.override_query and opts.override_query in query)
+            ):
+                overrides = self._overrides(query, headers, cookies, set_cookies, scheme in ("https", "wss"))
+            context = _new_context(Context)
+            _set_attrs(context, attrs)
+            _set_overrides(context, overrides)
+            if not self._eager:
+                _set_pins(context, _NO_VARIANTS)
+                return context, LazyDecisions(self.router, context, self._names), set_cookies, None
+            pins: Mapping[str, Variant] = _NO_VARIANTS
+            pin_kind = ""
+            if opts.affinity:
+                pins, pin_kind = self._read_pins(cookies, attrs)
+            _set_pins(context, pins)  # decide() serves them (after a rollback or completion)
+            decide = self.router.decide
+            decisions = {name: decide(name, context) for name in self._names}
+            if opts.affinity:
+                self._update_pins(decisions, pins, pin_kind, set_cookies, scheme in ("https", "wss"))
+            variant: str | None = None
+            if opts.variant_header:
+                variant = ", ".join(f"{name}={d.variant}" for name, d in decisions.items())
+            return context, decisions, set_cookies, variant
         except Exception as exc:  # pragma: no cover - defensive: a request must never fail because of us
             self._count("errors")
             self.router._warn("web", f"request resolution failed, serving 'old': {exc!r}")
             context = Context()
-            return Resolution(context, LazyDecisions(self.router, context, self._names))
-
-    def _resolve(self, info: RequestInfo) -> Resolution:
-        opts = self.options
-        headers = info.headers
-        key = opts._key
-        secure = info.scheme in ("https", "wss")
-        cookies = parse_cookies(headers.get("cookie"), self._cookies) if self._cookies else {}
-        set_cookies: list[str] = []
-        client, trusted = self._peer(info.peer)
-        if trusted:
-            client = self.client_ip(info)
-
-        attrs: dict[str, Any] = {}
-        user = info.user_id
-        if user is None and opts.user_header and trusted:
-            value = headers.get(opts.user_header)
-            if value and len(value) <= _MAX_ATTRIBUTE and value.isprintable():
-                user = value
-        if user is None and opts.user_cookie:
-            signed = cookies.get(opts.user_cookie)
-            if signed:
-                user = verify_value(key, "user", signed)
-                if user is None:
-                    self._count("malformed_input")
-        if user is not None and user != "":
-            attrs["user_id"] = user
-
-        if opts.visitor_cookie:
-            visitor = cookies.get(opts.visitor_cookie)
-            if visitor is None or len(visitor) != 32 or visitor.strip(_HEX_DIGITS):
-                if visitor is not None:
-                    self._count("malformed_input")
-                visitor = secrets.token_hex(16)
-                set_cookies.append(self._cookie(opts.visitor_cookie, visitor, opts.visitor_max_age, secure))
-            attrs["session_id"] = visitor
-
-        attrs["path"] = info.path[:_MAX_ATTRIBUTE]
-        attrs["method"] = info.method
-        host = headers.get("host")
-        if host:
-            attrs["host"] = host[:_MAX_ATTRIBUTE]
-        if client:
-            attrs["client_ip"] = client
-        agent = headers.get("user-agent")
-        if agent:
-            attrs["user_agent"] = agent[:_MAX_ATTRIBUTE]
-        language = headers.get("accept-language")
-        if language:
-            first = language.split(",", 1)[0].split(";", 1)[0].strip()
-            if first:
-                attrs["accept_language"] = first[:64]
-        if trusted:
-            for attribute, header in (("country", opts.country_header), ("region", opts.region_header)):
-                if header:
-                    value = headers.get(header)
-                    if value and len(value) <= 64 and value.isprintable():
-                        attrs[attribute] = value.strip()
-        if opts.attributes is not None:
-            try:
-                attrs.update(opts.attributes(info))
-            except Exception as exc:
-                self.router._warn("web-attributes", f"the attributes callable failed: {exc!r}")
-
-        overrides: dict[str, Variant] = {}
-        if key is not None and (
-            (opts.override_cookie in cookies)
-            or (opts.override_header and opts.override_header in headers)
-            or (opts.override_query and opts.override_query in info.query_string)
-        ):
-            overrides = self._overrides(info, cookies, set_cookies, secure)
-        pins: dict[str, Variant] = {}
-        pin_kind = ""
-        if opts.affinity:
-            pins, pin_kind = self._read_pins(cookies, attrs)
-        context = Context.__new__(Context)
-        object.__setattr__(context, "_attrs", attrs)
-        object.__setattr__(context, "_overrides", overrides)
-        object.__setattr__(context, "_pins", pins)  # decide() serves them (after a rollback or completion)
-        decisions: Mapping[str, Decision]
-        if opts.affinity or opts.variant_header:
-            decide = self.router.decide
-            eager = {name: decide(name, context) for name in self._names}
-            if opts.affinity:
-                self._update_pins(eager, pins, pin_kind, set_cookies, secure)
-            decisions = eager
-        else:
-            decisions = LazyDecisions(self.router, context, self._names)
-        header = None
-        if opts.variant_header:
-            header = ", ".join(f"{name}={d.variant}" for name, d in decisions.items())
-        return Resolution(context, decisions, set_cookies, self._vary, header)
+            return context, LazyDecisions(self.router, context, self._names), [], None
 
     def _overrides(
-        self, info: RequestInfo, cookies: Mapping[str, str], set_cookies: list[str], secure: bool
+        self, query: str, headers: Mapping[str, str], cookies: Mapping[str, str], set_cookies: list[str], secure: bool
     ) -> dict[str, Variant]:
         opts = self.options
         key = opts._key
@@ -454,11 +530,11 @@ class WebResolver:
         if stored:
             candidates.extend((token, False) for token in stored.split(_TOKEN_SEPARATOR)[:16])
         if opts.override_query:
-            value = _query_value(info.query_string, opts.override_query)
+            value = _query_value(query, opts.override_query)
             if value:
                 candidates.append((value.strip(), True))
         if opts.override_header:
-            value = info.headers.get(opts.override_header)
+            value = headers.get(opts.override_header)
             if value:
                 candidates.append((value.strip(), True))
         for token, new in candidates:
@@ -479,7 +555,7 @@ class WebResolver:
             set_cookies.append(self._cookie(opts.override_cookie, "", 0, secure))
         return {name: variant for name, (variant, _, _) in accepted.items()}
 
-    def _read_pins(self, cookies: Mapping[str, str], attrs: Mapping[str, Any]) -> tuple[dict[str, Variant], str]:
+    def _read_pins(self, cookies: Mapping[str, str], attrs: Mapping[str, Any]) -> tuple[Mapping[str, Variant], str]:
         """The visitor's verified pins, and the signing purpose bound to this visitor's identity."""
         key = self.options._key
         # A pin is signed for one identity (the user, else the visitor), so a pin cookie copied from another
@@ -499,7 +575,7 @@ class WebResolver:
     def _update_pins(
         self,
         decisions: Mapping[str, Decision],
-        pins: dict[str, Variant],
+        pins: Mapping[str, Variant],
         kind: str,
         set_cookies: list[str],
         secure: bool,

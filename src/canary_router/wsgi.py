@@ -68,6 +68,7 @@ WSGIApp: TypeAlias = Callable[[WSGIEnvironment, StartResponse], Iterable[bytes]]
 """A WSGI application."""
 
 _NO_DECISIONS: Mapping[str, Decision] = {}
+_NO_HEADERS: list[tuple[str, str]] = []  # shared, never written to
 _ERROR_DECISION = Decision(OLD, Reason.ERROR, None)
 
 
@@ -282,6 +283,7 @@ class CanaryMiddleware:
         self.resolver = WebResolver(router, options)
         """The resolver; ``resolver.counters`` counts rejected overrides, malformed input and internal errors."""
         self.user_id_from = user_id_from
+        self._vary = self.resolver._vary
         self._environ_keys: tuple[tuple[str, str], ...] = tuple(
             ("HTTP_" + name.upper().replace("-", "_"), name) for name in sorted(options.wanted_headers)
         )
@@ -290,6 +292,10 @@ class CanaryMiddleware:
 
     def request_info(self, environ: WSGIEnvironment) -> RequestInfo:
         """The framework-neutral view of ``environ`` (wanted headers only, strings re-decoded as UTF-8)."""
+        return RequestInfo(*self._fields(environ))
+
+    def _fields(self, environ: WSGIEnvironment) -> tuple[str, str, str, str, str | None, dict[str, str], str | None]:
+        """:meth:`request_info`'s fields in order, for the resolver (no :class:`RequestInfo` per request)."""
         get = environ.get
         headers: dict[str, str] = {}
         malformed = False
@@ -319,7 +325,7 @@ class CanaryMiddleware:
                 self.router._warn("wsgi-user", f"user_id_from failed: {exc!r}")
                 found = None
             user = found if isinstance(found, str) and found else None
-        return RequestInfo(
+        return (
             method if type(method) is str else "GET",
             script + path or "/",
             scheme if type(scheme) is str else "http",
@@ -344,28 +350,30 @@ class CanaryMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Handle one request (PEP 3333)."""
         try:
-            resolution = self.resolver.resolve(self.request_info(environ))
-        except Exception:  # pragma: no cover - defensive: resolve() below never raises
+            context, found, cookies, variant = self.resolver._resolve(*self._fields(environ))
+        except Exception:  # pragma: no cover - defensive: reading the environ never raises, resolving neither
             resolution = self.resolve(environ)
-        context = resolution.context
+            context, found = resolution.context, resolution.decisions
+            cookies, variant = resolution.set_cookies, resolution.variant_header
         base = _current.get()
         if base is not _EMPTY_CONTEXT:  # lay it over an enclosing ambient context, as use_context() does
             try:
                 context = base.merge(context)
             except Exception as exc:  # pragma: no cover - defensive
                 self.router._warn("wsgi-merge", f"cannot merge with the enclosing context: {exc!r}")
-        found = resolution.decisions
         environ[DECISIONS_KEY] = found
         environ[CONTEXT_KEY] = context
-        cookies = resolution.set_cookies
-        extra = [("Set-Cookie", cookie) for cookie in cookies] if cookies else []
-        if resolution.variant_header is not None:
-            extra.append(("Canary-Variant", resolution.variant_header))
+        extra = _NO_HEADERS
+        if cookies or variant is not None:
+            extra = [("Set-Cookie", cookie) for cookie in cookies]
+            if variant is not None:
+                extra.append(("Canary-Variant", variant))
+        vary = self._vary
         variables = copy_context()
         rollout = self.rollout
         if rollout is None:  # decision mode
-            if extra or resolution.vary_cookie:
-                start_response = _Start(start_response, extra, resolution.vary_cookie)
+            if vary or extra:
+                start_response = _Start(start_response, extra, vary)
             result = variables.run(_call_app, self.app, context, environ, start_response)
             kind = type(result)
             if kind is list or kind is tuple:  # nothing runs while it is iterated
@@ -376,7 +384,7 @@ class CanaryMiddleware:
             return _Body(result, variables, None)
         decision = found.get(rollout) or _ERROR_DECISION
         app: WSGIApp = self.new_app if decision[0] == "new" and self.new_app is not None else self.app
-        exchange = _Exchange(start_response, extra, resolution.vary_cookie, self.router)
+        exchange = _Exchange(start_response, extra, vary, self.router)
         exchange.rollout = rollout
         exchange.decision = decision
         exchange.started = perf_counter()
