@@ -14,12 +14,14 @@ from .base import (
     snapshot_from_counts,
 )
 from .memory import MemoryStore
+from .sqlite import SQLiteStore  # imported with the package: its after-fork hook must run before the router's
 
 __all__ = [
     "ENV_VAR",
     "Lease",
     "MemoryStore",
     "ObservationBatch",
+    "SQLiteStore",
     "SharedStore",
     "SlotCounts",
     "Store",
