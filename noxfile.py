@@ -62,6 +62,15 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/bench_decide.py", "--write", "docs/benchmarks.md", *session.posargs)
     session.run("python", "bench/bench_guard.py", "--write", "docs/benchmarks.md")
     session.run("python", "bench/bench_telemetry.py", "--write", "docs/benchmarks.md")
+    session.run("python", "bench/bench_propagation_sqlite.py", "--write", "docs/benchmarks.md")
+
+
+@nox.session(name="bench-web", python=PYTHON)
+def bench_web(session: nox.Session) -> None:
+    """Run the ASGI and WSGI middleware benchmarks and rewrite their sections of docs/benchmarks.md."""
+    session.install(".", "starlette>=0.37", "Flask>=3.0")
+    session.run("python", "bench/bench_asgi.py", "--quiet", "--write", "docs/benchmarks.md", *session.posargs)
+    session.run("python", "bench/bench_wsgi.py", "--quiet", "--write", "docs/benchmarks.md")
 
 
 @nox.session(python=PYTHON)
