@@ -20,7 +20,7 @@ from ._flush import Outbox
 from ._throttle import Throttled
 from .bucketing import threshold
 from .config import Config, _conditions, _Issues, load_config, load_file
-from .context import Context, _current, use_context
+from .context import Context, _current, _Deferred, use_context
 from .errors import CanaryError, ConflictError, StoreError, TransitionError, UnknownRolloutError
 from .model import (
     NEW,
@@ -409,6 +409,15 @@ class Router:
                     if chosen is not None:
                         return _OVERRIDE[chosen]
                 pins = context._pins or None  # type: ignore[attr-defined]
+            elif isinstance(context, _Deferred):  # a web request's context, resolved on first use
+                context = context._get()
+                attrs = context._attrs
+                overrides = context._overrides
+                if overrides:
+                    chosen = overrides.get(name)
+                    if chosen is not None:
+                        return _OVERRIDE[chosen]
+                pins = context._pins or None
             elif isinstance(context, Mapping):
                 attrs = context
             else:  # defensive: callers may ignore the annotation
