@@ -396,10 +396,10 @@ class _Request(_Deferred):
             middleware._router._warn("asgi", f"request resolution failed, deciding on an empty context: {exc!r}")
             context, set_cookies = Context(), []
         self._extra = [(b"set-cookie", cookie.encode("latin-1", "replace")) for cookie in set_cookies]
-        if self._started and (set_cookies or middleware._vary):
+        if self._started and set_cookies:  # e.g. a decision in a streaming body: a new visitor's id is not kept
             middleware._router._warn(
                 "asgi-late",
-                "a request was resolved after its response started: its Vary and Set-Cookie headers were not sent "
+                "a request was resolved after its response started, so its Vary and Set-Cookie headers were not sent "
                 "(read request.state.canary or decide before the response starts)",
             )
         return context

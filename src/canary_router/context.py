@@ -149,6 +149,10 @@ def _make_context(
     return context
 
 
+_DEFERRED: set[type] = set()
+"""The concrete :class:`_Deferred` types (``type(context) in _DEFERRED`` is the cheap test for one)."""
+
+
 class _Deferred(Context):
     """A context worked out on first use: the web middleware's per-request context.
 
@@ -160,6 +164,10 @@ class _Deferred(Context):
     """
 
     __slots__ = ("_resolved",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _DEFERRED.add(cls)  # an exact-type lookup: isinstance() on a Mapping subclass goes through ABCMeta
 
     __setattr__ = object.__setattr__  # type: ignore[assignment]  # the per-request slots are set, not the attributes
     _resolved: Context | None
@@ -203,8 +211,8 @@ def current_context() -> Context:
     ``Vary: Cookie`` and any cookie the resolution set.
     """
     context = _current.get()
-    if type(context) is not Context and isinstance(context, _Deferred):
-        context._get()
+    if type(context) in _DEFERRED:
+        context._get()  # type: ignore[attr-defined]
     return context
 
 

@@ -261,10 +261,10 @@ class _Request(_Deferred):
             middleware.router._warn("wsgi", f"request resolution failed, deciding on an empty context: {exc!r}")
             context, cookies = Context(), []
         self._extra = [("Set-Cookie", cookie) for cookie in cookies]
-        if self._started and (cookies or middleware._vary):
+        if self._started and cookies:  # e.g. a decision in a streaming body: a new visitor's id is not kept
             middleware.router._warn(
                 "wsgi-late",
-                "a request was resolved after its response started: its Vary and Set-Cookie headers were not sent "
+                "a request was resolved after its response started, so its Vary and Set-Cookie headers were not sent "
                 "(read the decisions or decide before the response starts)",
             )
         return context
