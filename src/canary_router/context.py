@@ -236,7 +236,12 @@ class use_context:  # used as a function: ``with use_context(...)``
         **kwargs: Any,
     ) -> None:
         base = _EMPTY_CONTEXT if replace else _current.get()
-        if base is _EMPTY_CONTEXT and not overrides and type(attributes) is not Context:
+        if (
+            base is _EMPTY_CONTEXT
+            and not overrides
+            and type(attributes) is not Context
+            and type(attributes) not in _DEFERRED
+        ):
             if attributes:
                 attrs = dict(attributes)
                 attrs.update(kwargs)
