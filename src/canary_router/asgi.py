@@ -2,11 +2,12 @@
 
 No framework is imported: the ASGI types below are plain aliases, shaped like ``starlette.types``.
 
-Decision mode (the default) resolves every HTTP and WebSocket request with a :class:`~canary_router.web.WebResolver`
-and runs the app with the request's context ambient, so functions decorated with ``router.canary(...)``
-anywhere below see it. The decisions are in ``scope["state"]["canary"]`` (Starlette: ``request.state.canary``)
-and the context in ``scope["state"]["canary_context"]``; HTTP responses get the resolver's cookies,
-``Vary: Cookie`` and, when enabled, ``Canary-Variant``::
+Decision mode (the default) runs the app with the request's context ambient, so functions decorated with
+``router.canary(...)`` anywhere below see it, and resolves the request with a :class:`~canary_router.web.WebResolver`
+the first time a decision or a read of the context needs it. The decisions are in ``scope["state"]["canary"]``
+(Starlette: ``request.state.canary``) and the context in ``scope["state"]["canary_context"]``; the response
+of a resolved HTTP request gets the resolver's cookies, ``Vary: Cookie`` and, when enabled, ``Canary-Variant``
+(a request that decided nothing is passed on unchanged)::
 
     app = CanaryMiddleware(app, router=router, trusted_proxies=["10.0.0.0/8"], user_header="x-user-id")
 
@@ -82,7 +83,7 @@ _PEER = (str, type(None))
 
 
 class CanaryMiddleware:
-    """Pure ASGI middleware that decides every request's rollouts and makes its context ambient.
+    """Pure ASGI middleware that makes every request's context ambient and decides its rollouts on first use.
 
     ``CanaryMiddleware(app, router=router, **options)``: the keyword options build a
     :class:`~canary_router.web.WebOptions` (``trusted_proxies=...``, ``user_header=...``, ``secret=...``, ...);

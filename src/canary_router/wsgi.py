@@ -1,8 +1,9 @@
 """Plain WSGI (PEP 3333) middleware: Flask, Django-on-WSGI, Pyramid, Bottle, any WSGI app. Imports no framework.
 
-Decision mode decides every configured rollout per request and makes the request's context ambient, for
-the app call and while the server iterates the response body, so ``router.canary(...)`` functions deep
-in a view (or in a streaming generator) see it::
+Decision mode makes the request's context ambient, for the app call and while the server iterates the
+response body, so ``router.canary(...)`` functions deep in a view (or in a streaming generator) see it; the
+request is resolved, and its rollouts decided, the first time a decision or a read of the context needs it
+(the response of a resolved request gets ``Vary: Cookie`` and the resolver's cookies)::
 
     app.wsgi_app = CanaryMiddleware(app.wsgi_app, router=router, trusted_proxies=["10.0.0.0/8"])
 
