@@ -396,7 +396,11 @@ class _Request(_Deferred):
             middleware.resolver._count("errors")
             middleware._router._warn("asgi", f"request resolution failed, deciding on an empty context: {exc!r}")
             context, set_cookies = Context(), []
-        self._extra = [(b"set-cookie", cookie.encode("latin-1", "replace")) for cookie in set_cookies]
+        self._extra = (
+            [(b"set-cookie", cookie.encode("latin-1", "replace")) for cookie in set_cookies]
+            if set_cookies
+            else _NO_HEADERS
+        )
         if self._started and set_cookies:  # e.g. a decision in a streaming body: a new visitor's id is not kept
             middleware._router._warn(
                 "asgi-late",

@@ -410,7 +410,9 @@ class Router:
                         return _OVERRIDE[chosen]
                 pins = context._pins or None  # type: ignore[attr-defined]
             elif kind in _DEFERRED:  # a web request's context, resolved on first use
-                resolved: Context = context._get()  # type: ignore[attr-defined]
+                resolved: Context | None = context._resolved  # type: ignore[attr-defined]
+                if resolved is None:
+                    resolved = context._get()  # type: ignore[attr-defined]
                 attrs = resolved._attrs
                 overrides = resolved._overrides
                 if overrides:

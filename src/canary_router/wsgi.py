@@ -261,7 +261,7 @@ class _Request(_Deferred):
             middleware.resolver._count("errors")
             middleware.router._warn("wsgi", f"request resolution failed, deciding on an empty context: {exc!r}")
             context, cookies = Context(), []
-        self._extra = [("Set-Cookie", cookie) for cookie in cookies]
+        self._extra = [("Set-Cookie", cookie) for cookie in cookies] if cookies else _NO_HEADERS
         if self._started and cookies:  # e.g. a decision in a streaming body: a new visitor's id is not kept
             middleware.router._warn(
                 "wsgi-late",
