@@ -371,3 +371,30 @@ def test_a_lazy_ambient_context_is_seen_resolved_everywhere(router: Router) -> N
         _current.reset(token)
     assert lazy.calls == 1
     assert seen == [router.decide("r", Context(user_id="u1", region="eu", account_id="a9", overrides={"r": "new"}))]
+
+
+def test_asgi_decisions_read_after_the_call_are_the_requests(router: Router) -> None:
+    """A read after the app returned (an access log outside, say) decides on the request, with no cycle left."""
+    headers = {"x-user-id": "u7", "cookie": f"canary_vid={VID}"}
+    lazy = AsgiMiddleware(asgi_app(router, False), router=router, **OPTIONS)
+    scope: Scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "query_string": b"",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+    }
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        return None
+
+    asyncio.run(lazy(scope, receive, send))
+    request = scope["state"]["canary_context"]
+    assert "state" not in request._scope  # the scope's state no longer leads back to it
+    deciding = asgi_call(AsgiMiddleware(asgi_app(router, True), router=router, **OPTIONS), "127.0.0.1", headers)
+    assert list(scope["state"]["canary"]["r"]) == deciding["decision"]
+    assert lazy.resolver.counters == dict.fromkeys(lazy.resolver.counters, 0)

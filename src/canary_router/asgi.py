@@ -187,6 +187,7 @@ class CanaryMiddleware:
                     _current.reset(token)
                 except ValueError:  # pragma: no cover - only if the coroutine was resumed in another context
                     pass
+                request._detach()
             return
         context, decisions, set_cookies, variant = self._resolve(scope, kind)
         try:
@@ -409,6 +410,23 @@ class _Request(_Deferred):
             )
         return context
 
+    def _detach(self) -> None:
+        """At the end of the call: drop the references back to the scope and the server.
+
+        The scope's state refers to this object, so they would form a reference cycle, freed only by the garbage
+        collector. An unresolved request keeps a copy of the scope without its state, for a late read.
+        """
+        self._send = _completed
+        if self._resolved is None:
+            try:
+                detached = dict(self._scope)
+                detached.pop("state", None)
+            except Exception:  # a scope that is no mapping: a late read gets the careful path's answer
+                detached = {}
+            self._scope = detached
+        else:
+            self._scope = _NO_SCOPE
+
     def send(self, message: Message) -> Awaitable[None]:
         """The app's ``send``: forwards, adding our headers to the response start of a resolved request."""
         if self._resolved is None:  # nothing depended on the request's cookies so far
@@ -419,6 +437,14 @@ class _Request(_Deferred):
             if middleware._vary or self._extra:
                 message = _with_headers(message, self._extra, middleware._vary)
         return self._send(message)
+
+
+_NO_SCOPE: Scope = {}  # shared, never written to
+
+
+def _completed(message: Message) -> Awaitable[None]:
+    """The ``send`` of a request whose call has returned: its response is complete."""
+    raise RuntimeError(f"ASGI message {message.get('type')!r} sent after the application returned")
 
 
 def _get(scope: Scope, key: str) -> Any:
