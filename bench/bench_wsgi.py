@@ -10,7 +10,11 @@ route answering ``ok``), called:
 * behind a hand-rolled split (the user id header, one mmh3 hash: the floor of deciding per request);
 * behind ``CanaryMiddleware`` in decision mode, configured like ``integrations/flask`` (trusted proxy,
   ``x-user-id`` header, a signing secret), for a returning visitor (visitor cookie and user id header)
-  and for a new visitor (no cookie: a fresh visitor id and a ``Set-Cookie``).
+  and for a new visitor (no cookie).
+
+Those are the (a) cases: the route decides nothing. In the (b) cases the route makes one decision: behind
+``CanaryMiddleware`` through the ambient context (a new visitor then gets a ``Set-Cookie``), and in the bare
+app on a context it builds from the user id header, which is what the (b) overheads are measured against.
 
 The same middleware around a trivial raw WSGI app (a one-item list body) is timed too: without Flask's
 ~40 µs the difference is far less noisy. The cases are interleaved (a shuffled order in every round) so
@@ -45,6 +49,7 @@ from typing import Any
 
 import mmh3
 from flask import Flask
+from flask import request as flask_request
 
 import benchlib
 import canary_router
@@ -139,13 +144,22 @@ def make_ids(seed: int) -> tuple[list[str], list[str]]:
     return out, visitors
 
 
-def flask_app() -> WSGIApp:
-    """The app under test: Flask, one route answering ``ok``."""
+def flask_app(decide: Callable[[], object] | None = None) -> WSGIApp:
+    """The app under test: Flask, one route answering ``ok`` (after calling ``decide``, if given)."""
     app = Flask("bench_wsgi")
 
-    @app.get("/")
-    def index() -> str:
-        return "ok"
+    if decide is None:
+
+        @app.get("/")
+        def index() -> str:
+            return "ok"
+
+    else:
+
+        @app.get("/")
+        def index_deciding() -> str:
+            decide()
+            return "ok"
 
     return app.wsgi_app
 
@@ -154,6 +168,17 @@ def raw_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable
     """A trivial raw WSGI app: what remains of a request when the framework costs nothing."""
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
     return [b"ok"]
+
+
+def raw_app_deciding(decide: Callable[[WSGIEnvironment], object]) -> WSGIApp:
+    """The trivial raw WSGI app, calling ``decide(environ)`` before it answers."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        decide(environ)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    return app
 
 
 class HandRolledSplit:
@@ -177,25 +202,6 @@ class HandRolledSplit:
             if (h % 100) * 100 + (h // 100) % 100 < self.threshold:  # the v1 bucket
                 variant = "new"
         environ["canary.variant"] = variant
-        return self.app(environ, start_response)
-
-
-class StoreOnly:
-    """Resolves the request and stores the decisions and the context in the environ, nothing else.
-
-    No ambient context, no body wrapper, no response header: with the "resolve() beside" case, it shows
-    which part of the middleware's work costs what behind Flask.
-    """
-
-    def __init__(self, middleware: CanaryMiddleware) -> None:
-        self.middleware = middleware
-        self.app = middleware.app
-
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        """Resolve, store, call the wrapped app."""
-        context, decisions, _, _ = self.middleware.resolver._resolve(*self.middleware._fields(environ))
-        environ["canary.decisions"] = decisions
-        environ["canary.context"] = context
         return self.app(environ, start_response)
 
 
@@ -227,26 +233,6 @@ def serve(app: WSGIApp, environs: Sequence[WSGIEnvironment]) -> Callable[[], int
     return run
 
 
-def side_by_side(
-    app: WSGIApp, environs: Sequence[WSGIEnvironment], func: Callable[[Any], object], inputs: Sequence[Any]
-) -> Callable[[], int]:
-    """Like :func:`serve`, calling ``func`` on an input beside every request: shows what interleaving costs."""
-
-    def run() -> int:
-        start = time.thread_time_ns()
-        for template, item in zip(environs, inputs, strict=True):
-            body = app(template.copy(), drop)
-            for _ in body:
-                pass
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
-            func(item)
-        return time.thread_time_ns() - start
-
-    return run
-
-
 def piece(func: Callable[[Any], object], inputs: Sequence[Any]) -> Callable[[], int]:
     """A loop that calls ``func`` on every input."""
 
@@ -263,9 +249,24 @@ def build(users: Sequence[str], visitors: Sequence[str], calls: int) -> tuple[di
     """Build the apps, the request environs and the timed cases (all inputs precomputed outside the timing)."""
     router = canary_router.Router.from_config(CONFIG)
     options: dict[str, Any] = {"secret": SECRET, "trusted_proxies": ["127.0.0.1"], "user_header": "x-user-id"}
+    decide_now = router.decide
+
+    def ambient_decision(*_: object) -> object:
+        return decide_now("recommender")  # the ambient context: the middleware's request
+
+    def flask_hand_rolled() -> object:  # the user id header, as the hand-rolled split reads it
+        return decide_now("recommender", {"user_id": flask_request.environ.get("HTTP_X_USER_ID")})
+
+    def raw_hand_rolled(environ: WSGIEnvironment) -> object:
+        return decide_now("recommender", {"user_id": environ.get("HTTP_X_USER_ID")})
+
     bare = flask_app()
+    bare_deciding = flask_app(flask_hand_rolled)
     wrapped = CanaryMiddleware(bare, router=router, **options)
+    wrapped_deciding = CanaryMiddleware(flask_app(ambient_decision), router=router, **options)
     raw_wrapped = CanaryMiddleware(raw_app, router=router, **options)
+    raw_bare_deciding = raw_app_deciding(raw_hand_rolled)
+    raw_wrapped_deciding = CanaryMiddleware(raw_app_deciding(ambient_decision), router=router, **options)
     base = minimal_environ()
     returning = [
         {**base, "HTTP_X_USER_ID": users[i % N_IDS], "HTTP_COOKIE": f"canary_vid={visitors[i % N_IDS]}"}
@@ -285,47 +286,75 @@ def build(users: Sequence[str], visitors: Sequence[str], calls: int) -> tuple[di
         return copy_context().run(len, ())
 
     cases = [
-        Case("flask_bare", "Flask app, bare", serve(bare, returning), calls),
+        Case("flask_bare", "(a) Flask app, bare", serve(bare, returning), calls),
         Case(
-            "flask_pass", "Flask app behind a pass-through WSGI middleware", serve(PassThrough(bare), returning), calls
+            "flask_pass",
+            "(a) Flask app behind a pass-through WSGI middleware",
+            serve(PassThrough(bare), returning),
+            calls,
         ),
-        Case(
-            "flask_returning", "Flask app behind CanaryMiddleware, returning visitor", serve(wrapped, returning), calls
-        ),
-        Case("flask_first", "Flask app behind CanaryMiddleware, new visitor", serve(wrapped, first), calls),
         Case(
             "flask_split",
-            "Flask app behind a hand-rolled split (user id header, one mmh3 hash)",
+            "(a) Flask app behind a hand-rolled split (user id header, one mmh3 hash)",
             serve(HandRolledSplit(bare, "recommender", 25.0), returning),
             calls,
         ),
         Case(
-            "flask_side",
-            "Flask app, bare, with resolver.resolve(info) called beside it (no middleware)",
-            side_by_side(bare, returning, resolver.resolve, infos),
+            "flask_returning",
+            "(a) Flask app behind CanaryMiddleware, returning visitor, no decision",
+            serve(wrapped, returning),
             calls,
         ),
         Case(
-            "flask_store",
-            "Flask app, resolved and stored in the environ only (no context, no wrapper, no header)",
-            serve(StoreOnly(wrapped), returning),
+            "flask_first",
+            "(a) Flask app behind CanaryMiddleware, new visitor, no decision",
+            serve(wrapped, first),
             calls,
         ),
-        Case("raw_bare", "raw WSGI app (list body), bare", serve(raw_app, returning), calls),
+        Case(
+            "flask_bare_decide",
+            "(b) Flask app, bare, deciding on a hand-rolled context {user_id}",
+            serve(bare_deciding, returning),
+            calls,
+        ),
+        Case(
+            "flask_decide",
+            "(b) Flask app behind CanaryMiddleware + one ambient decision, returning visitor",
+            serve(wrapped_deciding, returning),
+            calls,
+        ),
+        Case(
+            "flask_decide_first",
+            "(b) Flask app behind CanaryMiddleware + one ambient decision, new visitor (Set-Cookie)",
+            serve(wrapped_deciding, first),
+            calls,
+        ),
+        Case("raw_bare", "(a) raw WSGI app (list body), bare", serve(raw_app, returning), calls),
         Case(
             "raw_returning",
-            "raw WSGI app behind CanaryMiddleware, returning visitor",
+            "(a) raw WSGI app behind CanaryMiddleware, returning visitor, no decision",
             serve(raw_wrapped, returning),
             calls,
         ),
-        Case("raw_first", "raw WSGI app behind CanaryMiddleware, new visitor", serve(raw_wrapped, first), calls),
+        Case(
+            "raw_bare_decide",
+            "(b) raw WSGI app, bare, deciding on a hand-rolled context {user_id}",
+            serve(raw_bare_deciding, returning),
+            calls,
+        ),
+        Case(
+            "raw_decide",
+            "(b) raw WSGI app behind CanaryMiddleware + one ambient decision, returning visitor",
+            serve(raw_wrapped_deciding, returning),
+            calls,
+        ),
         Case(
             "p_info",
             "piece: read the environ (the request's fields; its copy included)",
             piece(lambda e: wrapped._fields(e.copy()), returning),
             calls,
         ),
-        Case("p_copy", "piece: environ.copy() alone (inside request_info's row)", piece(dict.copy, returning), calls),
+        Case("p_copy", "piece: environ.copy() alone (inside the row above)", piece(dict.copy, returning), calls),
         Case(
             "p_resolve",
             "piece: the resolver on the request's fields, returning visitor",
@@ -345,7 +374,9 @@ def build(users: Sequence[str], visitors: Sequence[str], calls: int) -> tuple[di
     namespace = {
         "router": router,
         "wrapped": wrapped,
+        "wrapped_deciding": wrapped_deciding,
         "raw_wrapped": raw_wrapped,
+        "raw_wrapped_deciding": raw_wrapped_deciding,
         "returning": returning,
         "first": first,
     }
@@ -355,9 +386,10 @@ def build(users: Sequence[str], visitors: Sequence[str], calls: int) -> tuple[di
 def sanity_check(namespace: dict[str, Any]) -> list[str]:
     """Check that each case exercises the path it claims to; return the problems found."""
     problems: list[str] = []
-    for key in ("wrapped", "raw_wrapped"):
+    for key in ("wrapped", "raw_wrapped", "wrapped_deciding", "raw_wrapped_deciding"):
         middleware: CanaryMiddleware = namespace[key]
-        for kind, environ, wants_cookie in (
+        deciding = key.endswith("_deciding")
+        for kind, environ, new_visitor in (
             ("returning", namespace["returning"][0], False),
             ("first", namespace["first"][0], True),
         ):
@@ -373,15 +405,18 @@ def sanity_check(namespace: dict[str, Any]) -> list[str]:
             getattr(body, "close", lambda: None)()
             status, headers = seen[-1]
             names = [name.lower() for name, _ in headers]
-            decision = env["canary.decisions"]["recommender"]
             if status != "200 OK" or data != b"ok":
                 problems.append(f"{key}/{kind}: got {status} {data!r}, expected 200 ok")
-            if decision.unit != environ["HTTP_X_USER_ID"]:
-                problems.append(f"{key}/{kind}: decided on {decision.unit!r}, not on the user id header")
+            wants_cookie = deciding and new_visitor
             if ("set-cookie" in names) != wants_cookie:
                 problems.append(f"{key}/{kind}: Set-Cookie {'missing' if wants_cookie else 'unexpected'}")
-            if "vary" not in names:
-                problems.append(f"{key}/{kind}: no Vary header")
+            if ("vary" in names) != deciding:
+                problems.append(f"{key}/{kind}: Vary {'missing' if deciding else 'on a request that decided nothing'}")
+            if not deciding:
+                continue
+            decision = env["canary.decisions"]["recommender"]
+            if decision.unit != environ["HTTP_X_USER_ID"]:
+                problems.append(f"{key}/{kind}: decided on {decision.unit!r}, not on the user id header")
     return problems
 
 
@@ -422,47 +457,56 @@ def summarize(cases: list[Case]) -> tuple[list[Row], list[Row], list[Row]]:
         Row("pass-through middleware − bare (Flask)", overhead("flask_pass", "flask_bare")),
         Row("hand-rolled split − bare (Flask)", overhead("flask_split", "flask_bare")),
         Row(
-            "**CanaryMiddleware − bare (Flask), returning visitor**",
+            "**(a) CanaryMiddleware − bare (Flask), returning visitor, no decision**",
             overhead("flask_returning", "flask_bare"),
             target_us=TARGET_US,
         ),
-        Row("CanaryMiddleware − bare (Flask), new visitor", overhead("flask_first", "flask_bare")),
-        Row("resolve() beside the bare Flask app − bare (no middleware)", overhead("flask_side", "flask_bare")),
-        Row("resolved and stored in the environ only − bare (Flask)", overhead("flask_store", "flask_bare")),
-        Row("CanaryMiddleware − bare (raw app), returning visitor", overhead("raw_returning", "raw_bare")),
-        Row("CanaryMiddleware − bare (raw app), new visitor", overhead("raw_first", "raw_bare")),
+        Row("(a) CanaryMiddleware − bare (Flask), new visitor, no decision", overhead("flask_first", "flask_bare")),
+        Row(
+            "**(b) CanaryMiddleware + decision − bare deciding (Flask), returning visitor**",
+            overhead("flask_decide", "flask_bare_decide"),
+            target_us=TARGET_US,
+        ),
+        Row(
+            "(b) CanaryMiddleware + decision − bare deciding (Flask), new visitor",
+            overhead("flask_decide_first", "flask_bare_decide"),
+        ),
+        Row("(b) the hand-rolled decision itself − bare (Flask)", overhead("flask_bare_decide", "flask_bare")),
+        Row("(a) CanaryMiddleware − bare (raw app), no decision", overhead("raw_returning", "raw_bare")),
+        Row(
+            "(b) CanaryMiddleware + decision − bare deciding (raw app)",
+            overhead("raw_decide", "raw_bare_decide"),
+        ),
     ]
     return measured, overheads, pieces
 
 
 def cost_structure(cases: list[Case]) -> str:
-    """Split the raw-app overhead of a returning visitor into the separately timed pieces (an estimate)."""
+    """Where the decision-mode overhead goes, without and with a decision (pieces timed apart: an estimate)."""
     by_key = {case.key: statistics.median(case.samples_ns) / 1000 for case in cases}
     samples = {case.key: case.samples_ns for case in cases}
 
     def overhead(key: str, base: str) -> float:
         return statistics.median(a - b for a, b in zip(samples[key], samples[base], strict=True)) / 1000
 
-    total = overhead("raw_returning", "raw_bare")
+    lazy_raw = overhead("raw_returning", "raw_bare")
+    lazy_flask = overhead("flask_returning", "flask_bare")
+    decide_raw = overhead("raw_decide", "raw_bare_decide")
+    decide_flask = overhead("flask_decide", "flask_bare_decide")
     info = by_key["p_info"] - by_key["p_copy"]
     resolve = by_key["p_resolve"]
-    rest = total - info - resolve
-    flask = overhead("flask_returning", "flask_bare")
-    side = overhead("flask_side", "flask_bare")
-    store = overhead("flask_store", "flask_bare")
     return (
-        f"Where the {total:.2f} µs of a returning visitor go (raw app; pieces timed separately, so an estimate): "
-        f"reading the environ ≈ {info:.2f} µs; the resolver ≈ {resolve:.2f} µs, of which the peer address (client "
-        f"IP and trusted-proxy check) ≈ {by_key['p_client_ip']:.2f} and the cookie lookup "
-        f"≈ {by_key['p_cookies']:.2f} (decisions are made on first access, and nothing reads them here; one costs "
-        f"≈ {by_key['p_decide']:.2f} µs); the middleware itself (a contextvars context, the call inside it, the "
-        f"Vary header) ≈ {rest:.2f} µs. Behind Flask the overhead is {flask:.2f} µs, and the same work costs more "
-        "there than around the raw app: `resolve()` merely called beside the bare Flask app adds "
-        f"{side:.2f} µs, against {resolve:.2f} µs on its own (between a Flask request's own work, ours runs with "
-        "colder caches and fewer instructions per cycle); resolving and storing the decisions and the context in "
-        f"the environ, and nothing else, adds {store:.2f} µs (the two objects then live as long as the request "
-        "instead of being freed at once); the ambient context, the body wrapper and the Vary header add the "
-        f"remaining ≈ {flask - store:.2f} µs."
+        f"(a) A request that decides nothing: {lazy_flask:.2f} µs over the bare Flask app ({lazy_raw:.2f} µs around "
+        "the raw app): nothing is read from the environ; the middleware makes the request object and its lazy "
+        "decisions, stores them in the environ, runs the app in a copied `contextvars` context "
+        f"(≈ {by_key['p_contextvars']:.2f} µs) and wraps the body, and passes the app's headers on unchanged. "
+        f"(b) A request that makes one decision: {decide_flask:.2f} µs over a bare Flask app making the same "
+        f"decision on a hand-rolled context ({decide_raw:.2f} µs around the raw app). On top of (a), the first "
+        f"decision resolves the request: reading the environ ≈ {info:.2f} µs, the resolver ≈ {resolve:.2f} µs (of "
+        f"which the peer address ≈ {by_key['p_client_ip']:.2f} and the cookie lookup ≈ {by_key['p_cookies']:.2f}), "
+        f"and the `Vary` header; the decision itself (≈ {by_key['p_decide']:.2f} µs timed alone) is paid by both "
+        "apps. Behind Flask the same work costs more than around the raw app (between a Flask request's own work, "
+        "ours runs with colder caches)."
     )
 
 

@@ -110,11 +110,16 @@ def state_app(router: Router) -> Starlette:
     shared = PlainTextResponse("shared", headers={"Vary": "Accept-Encoding"})
 
     async def vary(request: Request) -> Response:
+        request.state.canary["recommender"]  # decides: the response depends on the request's cookies
         given = request.query_params.get("vary")
         return PlainTextResponse("ok", headers={"Vary": given} if given else None)
 
     async def reused(request: Request) -> Response:
+        request.state.canary["recommender"]
         return shared
+
+    async def plain(request: Request) -> Response:  # decides nothing, reads no context
+        return PlainTextResponse("plain", headers={"Vary": "Accept-Encoding"})
 
     return Starlette(
         routes=[
@@ -123,6 +128,7 @@ def state_app(router: Router) -> Starlette:
             Route("/async", async_endpoint),
             Route("/vary", vary),
             Route("/reused", reused),
+            Route("/plain", plain),
         ]
     )
 

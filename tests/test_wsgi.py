@@ -224,6 +224,7 @@ def flask_app(router: Router, **options: Any) -> Flask:
 
     @app.get("/vary/<value>")
     def vary(value: str) -> Response:
+        decisions(request.environ)["r"]
         response = Response("ok")
         response.headers["Vary"] = value
         return response
@@ -343,6 +344,7 @@ def test_legacy_write_callable_still_works() -> None:
     router = make_router()
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        decisions(environ)["r"]  # decides: the response gets the visitor cookie
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"written ")
         return [b"returned"]
@@ -401,6 +403,7 @@ def test_vary_cookie_is_merged_with_the_apps_vary(app_vary: str | None, expected
     headers = [("Content-Type", "text/plain")] + ([("Vary", app_vary)] if app_vary else [])
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        decisions(environ)["r"]  # decides: the response depends on the request's cookies
         start_response("200 OK", list(headers))
         return [b"ok"]
 

@@ -2,11 +2,12 @@
 
 No framework is imported: the ASGI types below are plain aliases, shaped like ``starlette.types``.
 
-Decision mode (the default) resolves every HTTP and WebSocket request with a :class:`~canary_router.web.WebResolver`
-and runs the app with the request's context ambient, so functions decorated with ``router.canary(...)``
-anywhere below see it. The decisions are in ``scope["state"]["canary"]`` (Starlette: ``request.state.canary``)
-and the context in ``scope["state"]["canary_context"]``; HTTP responses get the resolver's cookies,
-``Vary: Cookie`` and, when enabled, ``Canary-Variant``::
+Decision mode (the default) runs the app with the request's context ambient, so functions decorated with
+``router.canary(...)`` anywhere below see it, and resolves the request with a :class:`~canary_router.web.WebResolver`
+the first time a decision or a read of the context needs it. The decisions are in ``scope["state"]["canary"]``
+(Starlette: ``request.state.canary``) and the context in ``scope["state"]["canary_context"]``; the response
+of a resolved HTTP request gets the resolver's cookies, ``Vary: Cookie`` and, when enabled, ``Canary-Variant``
+(a request that decided nothing is passed on unchanged)::
 
     app = CanaryMiddleware(app, router=router, trusted_proxies=["10.0.0.0/8"], user_header="x-user-id")
 
@@ -27,11 +28,10 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequen
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
 
-from .context import _EMPTY_CONTEXT, _current
-from .web import RequestInfo, WebOptions, WebResolver, _Parts
+from .context import _EMPTY_CONTEXT, Context, _current, _Deferred
+from .web import LazyDecisions, RequestInfo, WebOptions, WebResolver, _Parts
 
 if TYPE_CHECKING:
-    from .context import Context
     from .model import Decision
     from .router import Router
 
@@ -83,7 +83,7 @@ _PEER = (str, type(None))
 
 
 class CanaryMiddleware:
-    """Pure ASGI middleware that decides every request's rollouts and makes its context ambient.
+    """Pure ASGI middleware that makes every request's context ambient and decides its rollouts on first use.
 
     ``CanaryMiddleware(app, router=router, **options)``: the keyword options build a
     :class:`~canary_router.web.WebOptions` (``trusted_proxies=...``, ``user_header=...``, ``secret=...``, ...);
@@ -93,7 +93,19 @@ class CanaryMiddleware:
     per-request state stays in the call.
     """
 
-    __slots__ = ("_names_get", "_vary", "_wanted", "app", "new_app", "resolver", "rollout")
+    __slots__ = (
+        "_lazy",
+        "_names",
+        "_names_get",
+        "_override_query",
+        "_router",
+        "_vary",
+        "_wanted",
+        "app",
+        "new_app",
+        "resolver",
+        "rollout",
+    )
 
     def __init__(
         self,
@@ -133,6 +145,14 @@ class CanaryMiddleware:
         }
         self._names_get = {name: key for name, (key, _) in self._wanted.items()}.get
         self._vary = self.resolver._vary
+        self._router = router
+        self._names = self.resolver.rollout_names
+        # Decision mode resolves a request when something first reads its context or decisions; split mode
+        # decides every request, and affinity and the Canary-Variant header need every decision up front.
+        self._lazy = new_app is None and not self.resolver._eager
+        # A tester's override link is stored in the override cookie even if that request decides nothing.
+        query_name = options.override_query
+        self._override_query = query_name.encode() if query_name and self.resolver._key is not None else None
 
     def __repr__(self) -> str:
         split = f", rollout={self.rollout!r}" if self.rollout is not None else ""
@@ -146,6 +166,28 @@ class CanaryMiddleware:
             kind = None
         if kind != "http" and kind != "websocket":  # noqa: PLR1714  # two comparisons beat a tuple on the hot path
             await self.app(scope, receive, send)
+            return
+        if self._lazy and _current.get() is _EMPTY_CONTEXT and not self._override_link(scope):
+            request = _Request(self, scope, kind, send)
+            try:
+                lazy = LazyDecisions(self._router, request, self._names)
+                state = scope.get("state")
+                if state is None:
+                    scope["state"] = {"canary": lazy, "canary_context": request}
+                else:
+                    state["canary"] = lazy
+                    state["canary_context"] = request
+            except Exception:  # an immutable scope or state: the ambient context still works
+                self.resolver._count("malformed_input")
+            token = _current.set(request)
+            try:
+                await self.app(scope, receive, request.send if kind == "http" else send)
+            finally:
+                try:  # noqa: SIM105  # contextlib.suppress costs a context manager per request
+                    _current.reset(token)
+                except ValueError:  # pragma: no cover - only if the coroutine was resumed in another context
+                    pass
+                request._detach()
             return
         context, decisions, set_cookies, variant = self._resolve(scope, kind)
         try:
@@ -218,7 +260,15 @@ class CanaryMiddleware:
             name, decision, not failed, (end or perf_counter()) - start, error_type=str(status) if failed else None
         )
 
-    def _resolve(self, scope: Scope, kind: str) -> _Parts:
+    def _override_link(self, scope: Scope) -> bool:
+        """Whether the query string may carry an override token (the request is then resolved up front)."""
+        name = self._override_query
+        if name is None:
+            return False
+        query = scope.get("query_string")
+        return bool(query) and (type(query) is not bytes or name in query)
+
+    def _resolve(self, scope: Scope, kind: str, decide: bool = True) -> _Parts:
         """Resolve the request; odd scopes take the careful path, and the resolver itself never raises.
 
         The usual scope (header names and values as ``bytes``, each wanted header once, all UTF-8) is read
@@ -247,9 +297,9 @@ class CanaryMiddleware:
         except Exception:
             info = self._general_info(scope, kind)
             return self.resolver._resolve(
-                info.method, info.path, info.scheme, info.query_string, info.peer, info.headers, None, info
+                info.method, info.path, info.scheme, info.query_string, info.peer, info.headers, None, info, decide
             )
-        return self.resolver._resolve(method, path, scheme, query_text, peer, headers, None)
+        return self.resolver._resolve(method, path, scheme, query_text, peer, headers, None, None, decide)
 
     def _general_info(self, scope: Scope, kind: str) -> RequestInfo:
         """The request info of any scope: :meth:`_info`, or for a malformed scope :meth:`_careful_info`."""
@@ -318,6 +368,83 @@ class CanaryMiddleware:
             headers[key] = text if previous is None else previous + separator + text
         info.headers = headers
         return info
+
+
+class _Request(_Deferred):
+    """One request in decision mode: its context, resolved on first use, and the ``send`` that adds our headers.
+
+    Until something reads the context or decides, the request costs this object, and ``send`` forwards the
+    messages as they are: the response depends on no cookie, so it gets no ``Vary: Cookie`` and no cookie.
+    Once resolved, ``http.response.start`` gets ``Vary: Cookie`` and the resolution's ``Set-Cookie`` headers.
+    """
+
+    __slots__ = ("_extra", "_kind", "_middleware", "_scope", "_send", "_started")
+
+    def __init__(self, middleware: CanaryMiddleware, scope: Scope, kind: str, send: Send) -> None:
+        self._resolved = None
+        self._middleware = middleware
+        self._scope = scope
+        self._kind = kind
+        self._send = send
+        self._started = False
+
+    def _resolve(self) -> Context:
+        """Read the scope and resolve it (the resolver never raises; anything else degrades to an empty context)."""
+        middleware = self._middleware
+        try:
+            context, _, set_cookies, _ = middleware._resolve(self._scope, self._kind, False)
+        except Exception as exc:  # pragma: no cover - defensive: the scope is read carefully, the resolver never raises
+            middleware.resolver._count("errors")
+            middleware._router._warn("asgi", f"request resolution failed, deciding on an empty context: {exc!r}")
+            context, set_cookies = Context(), []
+        self._extra = (
+            [(b"set-cookie", cookie.encode("latin-1", "replace")) for cookie in set_cookies]
+            if set_cookies
+            else _NO_HEADERS
+        )
+        if self._started and set_cookies:  # e.g. a decision in a streaming body: a new visitor's id is not kept
+            middleware._router._warn(
+                "asgi-late",
+                "a request was resolved after its response started, so its Vary and Set-Cookie headers were not sent "
+                "(read request.state.canary or decide before the response starts)",
+            )
+        return context
+
+    def _detach(self) -> None:
+        """At the end of the call: drop the references back to the scope and the server.
+
+        The scope's state refers to this object, so they would form a reference cycle, freed only by the garbage
+        collector. An unresolved request keeps a copy of the scope without its state, for a late read.
+        """
+        self._send = _completed
+        if self._resolved is None:
+            try:
+                detached = dict(self._scope)
+                detached.pop("state", None)
+            except Exception:  # a scope that is no mapping: a late read gets the careful path's answer
+                detached = {}
+            self._scope = detached
+        else:
+            self._scope = _NO_SCOPE
+
+    def send(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``: forwards, adding our headers to the response start of a resolved request."""
+        if self._resolved is None:  # nothing depended on the request's cookies so far
+            self._started = True
+            return self._send(message)
+        if message.get("type") == "http.response.start":
+            middleware = self._middleware
+            if middleware._vary or self._extra:
+                message = _with_headers(message, self._extra, middleware._vary)
+        return self._send(message)
+
+
+_NO_SCOPE: Scope = {}  # shared, never written to
+
+
+def _completed(message: Message) -> Awaitable[None]:
+    """The ``send`` of a request whose call has returned: its response is complete."""
+    raise RuntimeError(f"ASGI message {message.get('type')!r} sent after the application returned")
 
 
 def _get(scope: Scope, key: str) -> Any:

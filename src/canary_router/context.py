@@ -149,13 +149,71 @@ def _make_context(
     return context
 
 
+_DEFERRED: set[type] = set()
+"""The concrete :class:`_Deferred` types (``type(context) in _DEFERRED`` is the cheap test for one)."""
+
+
+class _Deferred(Context):
+    """A context worked out on first use: the web middleware's per-request context.
+
+    A request that never decides never pays for reading its headers and cookies. It is a :class:`Context`
+    (``isinstance`` holds, mapping reads, :meth:`~Context.merge`, ``overrides`` and ``pins`` all work): the
+    first use resolves it, once, and every use after that answers from the resolved context, which
+    :meth:`_get` returns. ``Router.decide`` and :func:`current_context` use the resolved context itself.
+    Subclasses implement :meth:`_resolve`, which must never raise.
+    """
+
+    __slots__ = ("_resolved",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _DEFERRED.add(cls)  # an exact-type lookup: isinstance() on a Mapping subclass goes through ABCMeta
+
+    __setattr__ = object.__setattr__  # type: ignore[assignment]  # the per-request slots are set, not the attributes
+    _resolved: Context | None
+
+    def _resolve(self) -> Context:
+        """Work the context out (called once, by :meth:`_get`); never raises."""
+        raise NotImplementedError
+
+    def _get(self) -> Context:
+        """The resolved context (resolving it now, on first use)."""
+        resolved = self._resolved
+        if resolved is None:
+            resolved = self._resolved = self._resolve()
+        return resolved
+
+    @property
+    def _attrs(self) -> dict[str, Any]:  # type: ignore[override]
+        return self._get()._attrs
+
+    @property
+    def _overrides(self) -> Mapping[str, Variant]:  # type: ignore[override]
+        return self._get()._overrides
+
+    @property
+    def _pins(self) -> Mapping[str, Variant]:  # type: ignore[override]
+        return self._get()._pins
+
+    def __repr__(self) -> str:
+        return repr(self._get())
+
+
 _EMPTY_CONTEXT = Context()
 _current: ContextVar[Context] = ContextVar("canary_router_context", default=_EMPTY_CONTEXT)
 
 
 def current_context() -> Context:
-    """Return the ambient context of this thread / task (empty when none is set)."""
-    return _current.get()
+    """Return the ambient context of this thread / task (empty when none is set).
+
+    Inside a web request this is the request's context (the same object as the middleware's
+    ``canary_context``): reading it resolves the request, as a decision does, so the response then gets
+    ``Vary: Cookie`` and any cookie the resolution set.
+    """
+    context = _current.get()
+    if type(context) in _DEFERRED:
+        context._get()  # type: ignore[attr-defined]
+    return context
 
 
 class use_context:  # used as a function: ``with use_context(...)``
@@ -178,7 +236,12 @@ class use_context:  # used as a function: ``with use_context(...)``
         **kwargs: Any,
     ) -> None:
         base = _EMPTY_CONTEXT if replace else _current.get()
-        if base is _EMPTY_CONTEXT and not overrides and type(attributes) is not Context:
+        if (
+            base is _EMPTY_CONTEXT
+            and not overrides
+            and type(attributes) is not Context
+            and type(attributes) not in _DEFERRED
+        ):
             if attributes:
                 attrs = dict(attributes)
                 attrs.update(kwargs)

@@ -20,7 +20,7 @@ from ._flush import Outbox
 from ._throttle import Throttled
 from .bucketing import threshold
 from .config import Config, _conditions, _Issues, load_config, load_file
-from .context import Context, _current, use_context
+from .context import _DEFERRED, Context, _current, use_context
 from .errors import CanaryError, ConflictError, StoreError, TransitionError, UnknownRolloutError
 from .model import (
     NEW,
@@ -409,6 +409,17 @@ class Router:
                     if chosen is not None:
                         return _OVERRIDE[chosen]
                 pins = context._pins or None  # type: ignore[attr-defined]
+            elif kind in _DEFERRED:  # a web request's context, resolved on first use
+                resolved: Context | None = context._resolved  # type: ignore[attr-defined]
+                if resolved is None:
+                    resolved = context._get()  # type: ignore[attr-defined]
+                attrs = resolved._attrs
+                overrides = resolved._overrides
+                if overrides:
+                    chosen = overrides.get(name)
+                    if chosen is not None:
+                        return _OVERRIDE[chosen]
+                pins = resolved._pins or None
             elif isinstance(context, Mapping):
                 attrs = context
             else:  # defensive: callers may ignore the annotation

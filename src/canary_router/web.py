@@ -41,6 +41,7 @@ _MAX_ATTRIBUTE = 512
 _TOKEN_SEPARATOR = "~"  # noqa: S105  # separates tokens in the cookie
 _NO_COOKIES: Mapping[str, str] = {}  # shared, never written to
 _NO_VARIANTS: Mapping[str, Variant] = {}  # shared, never written to
+_NO_DECISIONS: Mapping[str, Decision] = {}  # shared, never written to
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -405,10 +406,13 @@ class WebResolver:
         headers: Mapping[str, str],
         user_id: str | None,
         info: RequestInfo | None = None,
+        decide: bool = True,
     ) -> _Parts:
         """:meth:`resolve` from the request's fields (an adapter need not build a :class:`RequestInfo`); never raises.
 
-        One function on purpose: it runs on every request, and each call saved is a measurable share of it.
+        One function on purpose: it runs on every request that is resolved, and each call saved is a measurable
+        share of it. With ``decide=False`` (a lazy adapter, which has its own decisions mapping) and no eager
+        option, the decisions part is an empty mapping.
         """
         try:
             opts = self.options
@@ -496,20 +500,21 @@ class WebResolver:
             _set_overrides(context, overrides)
             if not self._eager:
                 _set_pins(context, _NO_VARIANTS)
-                return context, LazyDecisions(self.router, context, self._names), set_cookies, None
+                decisions = LazyDecisions(self.router, context, self._names) if decide else _NO_DECISIONS
+                return context, decisions, set_cookies, None
             pins: Mapping[str, Variant] = _NO_VARIANTS
             pin_kind = ""
             if opts.affinity:
                 pins, pin_kind = self._read_pins(cookies, attrs)
             _set_pins(context, pins)  # decide() serves them (after a rollback or completion)
-            decide = self.router.decide
-            decisions = {name: decide(name, context) for name in self._names}
+            router_decide = self.router.decide
+            decided = {name: router_decide(name, context) for name in self._names}
             if opts.affinity:
-                self._update_pins(decisions, pins, pin_kind, set_cookies, scheme in ("https", "wss"))
+                self._update_pins(decided, pins, pin_kind, set_cookies, scheme in ("https", "wss"))
             variant: str | None = None
             if opts.variant_header:
-                variant = ", ".join(f"{name}={d.variant}" for name, d in decisions.items())
-            return context, decisions, set_cookies, variant
+                variant = ", ".join(f"{name}={d.variant}" for name, d in decided.items())
+            return context, decided, set_cookies, variant
         except Exception as exc:  # pragma: no cover - defensive: a request must never fail because of us
             self._count("errors")
             self.router._warn("web", f"request resolution failed, serving 'old': {exc!r}")

@@ -1,8 +1,9 @@
 """Plain WSGI (PEP 3333) middleware: Flask, Django-on-WSGI, Pyramid, Bottle, any WSGI app. Imports no framework.
 
-Decision mode decides every configured rollout per request and makes the request's context ambient, for
-the app call and while the server iterates the response body, so ``router.canary(...)`` functions deep
-in a view (or in a streaming generator) see it::
+Decision mode makes the request's context ambient, for the app call and while the server iterates the
+response body, so ``router.canary(...)`` functions deep in a view (or in a streaming generator) see it; the
+request is resolved, and its rollouts decided, the first time a decision or a read of the context needs it
+(the response of a resolved request gets ``Vary: Cookie`` and the resolver's cookies)::
 
     app.wsgi_app = CanaryMiddleware(app.wsgi_app, router=router, trusted_proxies=["10.0.0.0/8"])
 
@@ -27,9 +28,9 @@ from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
-from .context import _EMPTY_CONTEXT, Context, _current
+from .context import _EMPTY_CONTEXT, Context, _current, _Deferred
 from .model import OLD, Decision, Reason
-from .web import RequestInfo, Resolution, WebOptions, WebResolver
+from .web import LazyDecisions, RequestInfo, Resolution, WebOptions, WebResolver
 
 if TYPE_CHECKING:
     from .router import Router
@@ -234,6 +235,56 @@ class _Body:
             exchange.finish(None)
 
 
+class _Request(_Deferred):
+    """One request in decision mode: its context, resolved on first use, and the ``start_response`` for the app.
+
+    Until something reads the context or decides, ``start_response`` passes the app's headers on as they are:
+    the response depends on no cookie, so it gets no ``Vary: Cookie`` and no cookie. Once resolved, the
+    response gets ``Vary: Cookie`` and the resolution's ``Set-Cookie`` headers.
+    """
+
+    __slots__ = ("_environ", "_extra", "_middleware", "_start", "_started")
+
+    def __init__(self, middleware: CanaryMiddleware, environ: WSGIEnvironment, start: StartResponse) -> None:
+        self._resolved = None
+        self._middleware = middleware
+        self._environ = environ
+        self._start = start
+        self._started = False
+
+    def _resolve(self) -> Context:
+        """Read the environ and resolve it (the resolver never raises; anything else degrades to an empty context)."""
+        middleware = self._middleware
+        try:
+            context, _, cookies, _ = middleware.resolver._resolve(*middleware._fields(self._environ), None, False)
+        except Exception as exc:  # pragma: no cover - defensive: reading the environ never raises, resolving neither
+            middleware.resolver._count("errors")
+            middleware.router._warn("wsgi", f"request resolution failed, deciding on an empty context: {exc!r}")
+            context, cookies = Context(), []
+        self._extra = [("Set-Cookie", cookie) for cookie in cookies] if cookies else _NO_HEADERS
+        if self._started and cookies:  # e.g. a decision in a streaming body: a new visitor's id is not kept
+            middleware.router._warn(
+                "wsgi-late",
+                "a request was resolved after its response started, so its Vary and Set-Cookie headers were not sent "
+                "(read the decisions or decide before the response starts)",
+            )
+        return context
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
+    ) -> Callable[[bytes], object]:
+        """PEP 3333 ``start_response`` for the app: adds our headers to the response of a resolved request."""
+        if self._resolved is None:  # nothing depended on the request's cookies so far
+            self._started = True
+        else:
+            vary = self._middleware._vary
+            if vary or self._extra:
+                headers = _with_headers(headers, self._extra, vary)
+        if exc_info is None:
+            return self._start(status, headers)
+        return self._start(status, headers, exc_info)
+
+
 def _call_app(
     app: WSGIApp, context: Context, environ: WSGIEnvironment, start_response: StartResponse
 ) -> Iterable[bytes]:
@@ -287,6 +338,12 @@ class CanaryMiddleware:
         self._environ_keys: tuple[tuple[str, str], ...] = tuple(
             ("HTTP_" + name.upper().replace("-", "_"), name) for name in sorted(options.wanted_headers)
         )
+        self._names = self.resolver.rollout_names
+        # Decision mode resolves a request when something first reads its context or decisions; split mode
+        # decides every request, and affinity and the Canary-Variant header need every decision up front.
+        self._lazy = new_app is None and not self.resolver._eager
+        # A tester's override link is stored in the override cookie even if that request decides nothing.
+        self._override_query = options.override_query if self.resolver._key is not None else None
 
     # ------------------------------------------------------------------ per request
 
@@ -349,6 +406,19 @@ class CanaryMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Handle one request (PEP 3333)."""
+        if self._lazy and _current.get() is _EMPTY_CONTEXT and not self._override_link(environ):
+            request = _Request(self, environ, start_response)
+            environ[DECISIONS_KEY] = LazyDecisions(self.router, request, self._names)
+            environ[CONTEXT_KEY] = request
+            variables = copy_context()
+            result = variables.run(_call_app, self.app, request, environ, request.start_response)
+            kind = type(result)
+            if kind is list or kind is tuple:  # nothing runs while it is iterated
+                return result
+            wrapper = environ.get("wsgi.file_wrapper")
+            if wrapper is not None and kind is wrapper:  # keep the server's sendfile path
+                return result
+            return _Body(result, variables, None)
         try:
             context, found, cookies, variant = self.resolver._resolve(*self._fields(environ))
         except Exception:  # pragma: no cover - defensive: reading the environ never raises, resolving neither
@@ -394,6 +464,14 @@ class CanaryMiddleware:
             exchange.finish(exc)
             raise
         return _Body(result, variables, exchange)
+
+    def _override_link(self, environ: WSGIEnvironment) -> bool:
+        """Whether the query string may carry an override token (the request is then resolved up front)."""
+        name = self._override_query
+        if name is None:
+            return False
+        query = environ.get("QUERY_STRING")
+        return bool(query) and (type(query) is not str or name in query)
 
     def __repr__(self) -> str:
         mode = f"split {self.rollout!r}" if self.rollout is not None else "decisions"
