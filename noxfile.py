@@ -10,7 +10,7 @@ nox.needs_version = ">=2024.4"
 nox.options.sessions = ["lint", "typecheck", "tests"]
 
 PYTHON = "3.11"
-LINT_PATHS = ("src", "tests", "bench", "noxfile.py", "docs")
+LINT_PATHS = ("src", "tests", "bench", "noxfile.py", "docs", "integrations")
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 
 
