@@ -169,16 +169,7 @@ class CanaryMiddleware:
             return
         if self._lazy and _current.get() is _EMPTY_CONTEXT and not self._override_link(scope):
             request = _Request(self, scope, kind, send)
-            try:
-                lazy = LazyDecisions(self._router, request, self._names)
-                state = scope.get("state")
-                if state is None:
-                    scope["state"] = {"canary": lazy, "canary_context": request}
-                else:
-                    state["canary"] = lazy
-                    state["canary_context"] = request
-            except Exception:  # an immutable scope or state: the ambient context still works
-                self.resolver._count("malformed_input")
+            self._publish(scope, LazyDecisions(self._router, request, self._names), request)
             token = _current.set(request)
             try:
                 await self.app(scope, receive, request.send if kind == "http" else send)
@@ -190,15 +181,7 @@ class CanaryMiddleware:
                 request._detach()
             return
         context, decisions, set_cookies, variant = self._resolve(scope, kind)
-        try:
-            state = scope.get("state")
-            if state is None:
-                scope["state"] = {"canary": decisions, "canary_context": context}
-            else:
-                state["canary"] = decisions
-                state["canary_context"] = context
-        except Exception:  # an immutable scope or state: the ambient context still works
-            self.resolver._count("malformed_input")
+        self._publish(scope, decisions, context)
         if kind == "http" and (self._vary or set_cookies or variant is not None):
             send = _header_send(send, set_cookies, variant, self._vary)
         outer = _current.get()  # lay the request's context over an enclosing one, as the other adapters do
@@ -267,6 +250,18 @@ class CanaryMiddleware:
             return False
         query = scope.get("query_string")
         return bool(query) and (type(query) is not bytes or name in query)
+
+    def _publish(self, scope: Scope, decisions: Any, context: Any) -> None:
+        """Expose the decisions and context in ``scope["state"]`` (``request.state`` in Starlette)."""
+        try:
+            state = scope.get("state")
+            if state is None:
+                scope["state"] = {"canary": decisions, "canary_context": context}
+            else:
+                state["canary"] = decisions
+                state["canary_context"] = context
+        except Exception:  # an immutable scope or state: the ambient context still works
+            self.resolver._count("malformed_input")
 
     def _resolve(self, scope: Scope, kind: str, decide: bool = True) -> _Parts:
         """Resolve the request; odd scopes take the careful path, and the resolver itself never raises.
