@@ -208,7 +208,8 @@ def test_asgi_failed_resolution_degrades_to_an_empty_context(router: Router, mon
     def broken(*args: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(AsgiMiddleware, "_resolve", broken)  # the middleware has __slots__: patch its class
+    monkeypatch.setattr(AsgiMiddleware, "_read_identity", broken)  # the middleware has __slots__: patch its class
+    monkeypatch.setattr(AsgiMiddleware, "_read", broken)
     reply = asgi_call(lazy, "127.0.0.1", {"x-user-id": "u7"})
     assert reply["context"] == {}
     assert reply["decision"][0] == "old"
@@ -398,3 +399,178 @@ def test_asgi_decisions_read_after_the_call_are_the_requests(router: Router) -> 
     deciding = asgi_call(AsgiMiddleware(asgi_app(router, True), router=router, **OPTIONS), "127.0.0.1", headers)
     assert list(scope["state"]["canary"]["r"]) == deciding["decision"]
     assert lazy.resolver.counters == dict.fromkeys(lazy.resolver.counters, 0)
+
+
+# ------------------------------------------------------------------------------------------- two stages
+
+STAGED_CONFIG: dict[str, Any] = {
+    "segments": {"beta-paths": {"when": [{"attribute": "path", "operator": "STR_STARTS_WITH", "values": ["/beta"]}]}},
+    "rollouts": {
+        "by-user": {"steps": [50, 100], "stickiness": ["user_id", "session_id"]},
+        "testers": {
+            "steps": [1, 100],
+            "rules": [{"when": [{"attribute": "user_id", "operator": "IN", "values": ["u7"]}], "serve": "new"}],
+        },
+        "by-path": {
+            "steps": [1, 100],
+            "rules": [{"when": [{"attribute": "path", "operator": "IN", "values": ["/beta"]}], "serve": "new"}],
+        },
+        "by-segment": {"steps": [1, 100], "rules": [{"segments": ["beta-paths"], "serve": "new"}]},
+        "by-agent": {"steps": [50, 100], "stickiness": ["user_agent"]},
+    },
+}
+
+
+@pytest.fixture
+def staged() -> Iterator[Router]:
+    """A router whose rollouts read the identity only (by-user, testers) or other attributes too (the rest)."""
+    with Router.from_config(STAGED_CONFIG) as built:
+        yield built
+
+
+def test_rollouts_know_whether_the_identity_is_enough(staged: Router) -> None:
+    """Stickiness and rule attributes, segments included, decide whether a rollout reads beyond the identity."""
+    identity_only = {name: compiled.identity_only for name, compiled in staged._compiled.items()}
+    assert identity_only == {
+        "by-user": True,
+        "testers": True,
+        "by-path": False,
+        "by-segment": False,
+        "by-agent": False,
+    }
+
+
+def staged_asgi_app(router: Router, names: list[str], read_context: bool) -> Callable[..., Any]:
+    """Decides ``names`` through the ambient context, then (optionally) reads the whole context; reports both."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        request = _current.get()
+        body: dict[str, Any] = {name: list(router.decide(name)) for name in names}
+        body["attributes_worked_out"] = request._resolved is not None  # type: ignore[attr-defined]
+        if read_context:
+            body["context"] = dict(current_context())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+    return app
+
+
+def staged_wsgi_app(router: Router, names: list[str], read_context: bool) -> Callable[..., Iterable[bytes]]:
+    """The WSGI twin of :func:`staged_asgi_app`."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        request = _current.get()
+        body: dict[str, Any] = {name: list(router.decide(name)) for name in names}
+        body["attributes_worked_out"] = request._resolved is not None  # type: ignore[attr-defined]
+        if read_context:
+            body["context"] = dict(current_context())
+        start_response("200 OK", [])
+        return [json.dumps(body).encode()]
+
+    return app
+
+
+def staged_call(kind: str, router: Router, names: list[str], path: str, headers: dict[str, str], read: bool) -> Any:
+    """One request at ``path`` through the lazy middleware of ``kind`` (asgi or wsgi) around the staged app."""
+    if kind == "asgi":
+        lazy_asgi = AsgiMiddleware(staged_asgi_app(router, names, read), router=router, **OPTIONS)
+        return _asgi_call_at(lazy_asgi, path, headers)
+    lazy_wsgi = WsgiMiddleware(staged_wsgi_app(router, names, read), router=router, **OPTIONS)
+    return _wsgi_call_at(lazy_wsgi, path, headers)
+
+
+def _asgi_call_at(app: Any, path: str, headers: Mapping[str, str]) -> dict[str, Any]:
+    sent: list[Message] = []
+    scope: Scope = {
+        "type": "http",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "query_string": b"",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+    }
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    reply: dict[str, Any] = json.loads(sent[-1]["body"])
+    start = sent[0]["headers"]
+    reply["set_cookies"] = [v.decode() for k, v in start if k == b"set-cookie"]
+    reply["vary"] = [v.decode() for k, v in start if k == b"vary"]
+    return reply
+
+
+def _wsgi_call_at(app: Any, path: str, headers: Mapping[str, str]) -> dict[str, Any]:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.url_scheme": "http",
+    }
+    for name, value in headers.items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    started: list[list[tuple[str, str]]] = []
+
+    def start_response(status: str, response: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        started.append(response)
+        return lambda data: None
+
+    result = app(environ, start_response)
+    reply: dict[str, Any] = json.loads(b"".join(result))
+    getattr(result, "close", lambda: None)()
+    reply["set_cookies"] = [v for k, v in started[-1] if k.lower() == "set-cookie"]
+    reply["vary"] = [v for k, v in started[-1] if k.lower() == "vary"]
+    return reply
+
+
+ADAPTERS = ["asgi", "wsgi"]
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_identity_rollouts_are_decided_without_the_other_attributes(staged: Router, kind: str) -> None:
+    """A rollout bucketed by user or visitor decides on the identity alone, as it would on the whole context."""
+    headers = {"x-user-id": "u7", "cookie": f"canary_vid={VID}", "user-agent": "agent"}
+    reply = staged_call(kind, staged, ["by-user", "testers"], "/", headers, read=False)
+    assert reply["attributes_worked_out"] is False
+    whole = Context(user_id="u7", session_id=VID, path="/", method="GET", client_ip="127.0.0.1", user_agent="agent")
+    assert reply["by-user"] == list(staged.decide("by-user", whole))
+    assert reply["testers"] == ["new", "rule_match", None, None]
+    assert reply["vary"] == ["Cookie"]  # the response depends on the cookie: said even at the first stage
+    assert reply["set_cookies"] == []
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+@pytest.mark.parametrize("name", ["by-path", "by-segment"])
+def test_rollouts_reading_other_attributes_get_the_whole_context(staged: Router, kind: str, name: str) -> None:
+    """A rule on the path (directly or through a segment) sees the path: the request is worked out in full."""
+    beta = staged_call(kind, staged, [name], "/beta", {"x-user-id": "u1"}, read=False)
+    other = staged_call(kind, staged, [name], "/other", {"x-user-id": "u1"}, read=False)
+    assert beta["attributes_worked_out"] is True
+    assert beta[name][:2] == ["new", "rule_match"]
+    assert other[name][0] == "old"
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_stickiness_on_another_attribute_buckets_on_it(staged: Router, kind: str) -> None:
+    """A rollout bucketed by the user agent is decided on the user agent, not on an identity without it."""
+    reply = staged_call(kind, staged, ["by-agent"], "/", {"user-agent": "agent-42"}, read=False)
+    assert reply["by-agent"][3] == "agent-42"
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_a_new_visitor_keeps_one_id_through_both_stages(staged: Router, kind: str) -> None:
+    """The visitor id made at the first stage is the one in the whole context and in the Set-Cookie header."""
+    reply = staged_call(kind, staged, ["by-user"], "/page", {"user-agent": "agent"}, read=True)
+    [cookie] = reply["set_cookies"]
+    visitor = cookie.split(";", 1)[0].removeprefix("canary_vid=")
+    assert reply["context"]["session_id"] == visitor
+    assert reply["by-user"][3] == visitor
+    assert reply["context"]["path"] == "/page"
+    assert reply["context"]["user_agent"] == "agent"

@@ -49,6 +49,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 """An ASGI application."""
 
 _Header = tuple[bytes, bytes]
+_Fields = tuple[str, str, str, str, "str | None", Mapping[str, str], "RequestInfo | None"]
+"""A request's method, path, scheme, query string, peer, wanted headers and (when built) its RequestInfo."""
 
 
 class WebOptionKeywords(TypedDict, total=False):
@@ -94,11 +96,13 @@ class CanaryMiddleware:
     """
 
     __slots__ = (
+        "_identity_get",
         "_lazy",
         "_names",
         "_names_get",
         "_override_query",
         "_router",
+        "_staged",
         "_vary",
         "_wanted",
         "app",
@@ -144,12 +148,16 @@ class CanaryMiddleware:
             name.encode("latin-1"): (name, "; " if name == "cookie" else ", ") for name in options.wanted_headers
         }
         self._names_get = {name: key for name, (key, _) in self._wanted.items()}.get
+        # the headers the first stage of a lazy request reads (WebResolver._identity): the rest waits
+        identity = {"cookie", options.user_header, options.override_header}
+        self._identity_get = {name: key for name, (key, _) in self._wanted.items() if key in identity}.get
         self._vary = self.resolver._vary
         self._router = router
         self._names = self.resolver.rollout_names
         # Decision mode resolves a request when something first reads its context or decisions; split mode
         # decides every request, and affinity and the Canary-Variant header need every decision up front.
         self._lazy = new_app is None and not self.resolver._eager
+        self._staged = options.attributes is None  # else the callable may set the identity: one stage only
         # A tester's override link is stored in the override cookie even if that request decides nothing.
         query_name = options.override_query
         self._override_query = query_name.encode() if query_name and self.resolver._key is not None else None
@@ -264,12 +272,17 @@ class CanaryMiddleware:
             self.resolver._count("malformed_input")
 
     def _resolve(self, scope: Scope, kind: str, decide: bool = True) -> _Parts:
-        """Resolve the request; odd scopes take the careful path, and the resolver itself never raises.
+        """Resolve the request from its scope (:meth:`_read`); the resolver itself never raises."""
+        method, path, scheme, query, peer, headers, info = self._read(scope, kind)
+        return self.resolver._resolve(method, path, scheme, query, peer, headers, None, info, decide)
+
+    def _read(self, scope: Scope, kind: str) -> _Fields:
+        """The request's fields, as the resolver takes them; odd scopes take the careful path. Never raises.
 
         The usual scope (header names and values as ``bytes``, each wanted header once, all UTF-8) is read
-        in one pass straight into the resolver's arguments; anything else raises there and goes through
-        :meth:`_info`, which joins repeated headers and drops undecodable ones, and then, if the scope is
-        malformed, :meth:`_careful_info`. Both ways give the same answer for the usual scope.
+        in one pass; anything else raises there and goes through :meth:`_info`, which joins repeated headers
+        and drops undecodable ones, and then, if the scope is malformed, :meth:`_careful_info`. Both ways give
+        the same answer for the usual scope. The last field is the :class:`RequestInfo` when one was built.
         """
         try:
             names = self._names_get
@@ -288,13 +301,32 @@ class CanaryMiddleware:
             if type(method) is not str or type(path) is not str or type(scheme) is not str or type(peer) not in _PEER:
                 raise TypeError("a scope value of the wrong type")
             query = scope.get("query_string")
-            query_text = query.decode("latin-1") if query else ""
+            return method, path, scheme, query.decode("latin-1") if query else "", peer, headers, None
         except Exception:
             info = self._general_info(scope, kind)
-            return self.resolver._resolve(
-                info.method, info.path, info.scheme, info.query_string, info.peer, info.headers, None, info, decide
-            )
-        return self.resolver._resolve(method, path, scheme, query_text, peer, headers, None, None, decide)
+            return info.method, info.path, info.scheme, info.query_string, info.peer, info.headers, info
+
+    def _read_identity(self, scope: Scope, kind: str) -> tuple[str, str, str | None, Mapping[str, str]]:
+        """What the first stage of a lazy request reads: scheme, query string, peer and the identity headers.
+
+        The usual scope only, read like :meth:`_read` reads it; anything else raises (the caller then uses
+        :meth:`_read`), so both give the same values.
+        """
+        names = self._identity_get
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            key = names(name)
+            if key is not None:
+                if key in headers:  # a repeated header: joined by the general path
+                    raise LookupError(key)
+                headers[key] = value.decode()
+        client = scope.get("client")
+        peer = client[0] if client else None
+        scheme = scope.get("scheme") or ("http" if kind == "http" else "ws")
+        if type(scheme) is not str or type(peer) not in _PEER:
+            raise TypeError("a scope value of the wrong type")
+        query = scope.get("query_string")
+        return scheme, query.decode("latin-1") if query else "", peer, headers
 
     def _general_info(self, scope: Scope, kind: str) -> RequestInfo:
         """The request info of any scope: :meth:`_info`, or for a malformed scope :meth:`_careful_info`."""
@@ -366,32 +398,66 @@ class CanaryMiddleware:
 
 
 class _Request(_Deferred):
-    """One request in decision mode: its context, resolved on first use, and the ``send`` that adds our headers.
+    """One request in decision mode: its context, worked out on first use, and the ``send`` that adds our headers.
 
     Until something reads the context or decides, the request costs this object, and ``send`` forwards the
     messages as they are: the response depends on no cookie, so it gets no ``Vary: Cookie`` and no cookie.
-    Once resolved, ``http.response.start`` gets ``Vary: Cookie`` and the resolution's ``Set-Cookie`` headers.
+    The work is done in two stages. The first, the identity (the user, the visitor cookie, the overrides), is
+    all that a decision of a rollout bucketed by ``user_id`` or ``session_id`` without other rules needs; the
+    second lays the request's other attributes over it, for any other read. Once the identity is known,
+    ``http.response.start`` gets ``Vary: Cookie`` and the resolution's ``Set-Cookie`` headers.
     """
 
-    __slots__ = ("_extra", "_kind", "_middleware", "_scope", "_send", "_started")
+    __slots__ = (
+        "_extra",
+        "_fields",
+        "_ident",
+        "_kind",
+        "_middleware",
+        "_read",
+        "_scope",
+        "_send",
+        "_started",
+        "_trusted",
+    )
 
     def __init__(self, middleware: CanaryMiddleware, scope: Scope, kind: str, send: Send) -> None:
         self._resolved = None
+        self._ident: Context | None = None
         self._middleware = middleware
         self._scope = scope
         self._kind = kind
         self._send = send
         self._started = False
 
-    def _resolve(self) -> Context:
-        """Read the scope and resolve it (the resolver never raises; anything else degrades to an empty context)."""
+    def _identity(self) -> Context:
+        """The first stage (see the class): the resolved context once there is one."""
+        resolved = self._resolved
+        if resolved is not None:
+            return resolved
+        if not self._middleware._staged:  # an attributes callable may set the identity: resolve it all
+            return self._get()
+        ident = self._ident
+        return ident if ident is not None else self._first_stage()
+
+    def _first_stage(self) -> Context:
+        """Read the scope and work out the identity (never raises: a failure gives an empty context)."""
         middleware = self._middleware
+        read = True
+        self._fields = None
         try:
-            context, _, set_cookies, _ = middleware._resolve(self._scope, self._kind, False)
-        except Exception as exc:  # pragma: no cover - defensive: the scope is read carefully, the resolver never raises
+            try:  # the second stage reads the scope again, for the other headers
+                scheme, query, peer, headers = middleware._read_identity(self._scope, self._kind)
+            except Exception:  # an odd scope: read all of it carefully now
+                fields = self._fields = middleware._read(self._scope, self._kind)
+                _, _, scheme, query, peer, headers, _ = fields
+            ident, set_cookies, self._trusted, _ = middleware.resolver._identity(scheme, query, peer, headers, None)
+        except Exception as exc:  # pragma: no cover - defensive: the scope is read carefully, the resolver is total
             middleware.resolver._count("errors")
             middleware._router._warn("asgi", f"request resolution failed, deciding on an empty context: {exc!r}")
-            context, set_cookies = Context(), []
+            ident, set_cookies, read = Context(), [], False
+        self._read = read
+        self._ident = ident
         self._extra = (
             [(b"set-cookie", cookie.encode("latin-1", "replace")) for cookie in set_cookies]
             if set_cookies
@@ -403,16 +469,37 @@ class _Request(_Deferred):
                 "a request was resolved after its response started, so its Vary and Set-Cookie headers were not sent "
                 "(read request.state.canary or decide before the response starts)",
             )
-        return context
+        return ident
+
+    def _resolve(self) -> Context:
+        """Both stages: the identity, then the other attributes over it (never raises)."""
+        ident = self._ident
+        if ident is None:
+            ident = self._first_stage()
+        if not self._read:  # pragma: no cover - the first stage failed
+            return ident
+        middleware = self._middleware
+        resolver = middleware.resolver
+        try:
+            fields = self._fields
+            if fields is None:
+                fields = middleware._read(self._scope, self._kind)
+            method, path, scheme, query, peer, headers, info = fields
+            return resolver._complete(ident, self._trusted, method, path, scheme, query, peer, headers, None, info)
+        except Exception as exc:  # pragma: no cover - defensive: the resolver is total
+            resolver._count("errors")
+            resolver.router._warn("asgi", f"request resolution failed, deciding on the identity alone: {exc!r}")
+            return ident
 
     def _detach(self) -> None:
         """At the end of the call: drop the references back to the scope and the server.
 
         The scope's state refers to this object, so they would form a reference cycle, freed only by the garbage
-        collector. An unresolved request keeps a copy of the scope without its state, for a late read.
+        collector. A request whose attributes were not read yet keeps a copy of the scope without its state, for a
+        late read.
         """
         self._send = _completed
-        if self._resolved is None:
+        if self._resolved is None and (self._ident is None or (self._read and self._fields is None)):
             try:
                 detached = dict(self._scope)
                 detached.pop("state", None)
@@ -423,8 +510,8 @@ class _Request(_Deferred):
             self._scope = _NO_SCOPE
 
     def send(self, message: Message) -> Awaitable[None]:
-        """The app's ``send``: forwards, adding our headers to the response start of a resolved request."""
-        if self._resolved is None:  # nothing depended on the request's cookies so far
+        """The app's ``send``: forwards, adding our headers to the response start once the identity is known."""
+        if self._ident is None:  # nothing depended on the request's cookies so far
             self._started = True
             return self._send(message)
         if message.get("type") == "http.response.start":

@@ -149,6 +149,9 @@ def _make_context(
     return context
 
 
+IDENTITY_ATTRIBUTES = frozenset({"user_id", "session_id"})
+"""The attributes of a web request's identity: a rollout that reads no others is decided without the rest."""
+
 _DEFERRED: set[type] = set()
 """The concrete :class:`_Deferred` types (``type(context) in _DEFERRED`` is the cheap test for one)."""
 
@@ -182,6 +185,14 @@ class _Deferred(Context):
         if resolved is None:
             resolved = self._resolved = self._resolve()
         return resolved
+
+    def _identity(self) -> Context:
+        """A context with at least the :data:`IDENTITY_ATTRIBUTES` and the overrides and pins of the resolved one.
+
+        ``Router.decide`` uses it for rollouts that read nothing else. The default is :meth:`_get`; a subclass
+        may answer from a cheaper first stage, which must agree with the resolved context on those attributes.
+        """
+        return self._get()
 
     @property
     def _attrs(self) -> dict[str, Any]:  # type: ignore[override]

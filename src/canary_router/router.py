@@ -20,7 +20,7 @@ from ._flush import Outbox
 from ._throttle import Throttled
 from .bucketing import threshold
 from .config import Config, _conditions, _Issues, load_config, load_file
-from .context import _DEFERRED, Context, _current, use_context
+from .context import _DEFERRED, IDENTITY_ATTRIBUTES, Context, _current, use_context
 from .errors import CanaryError, ConflictError, StoreError, TransitionError, UnknownRolloutError
 from .model import (
     NEW,
@@ -38,7 +38,7 @@ from .model import (
 )
 from .notify import Notifier, Webhook
 from .observe import Aggregator, HistorySlot, StepSnapshot
-from .rules import Predicate, compile_condition
+from .rules import CURRENT_TIME, Predicate, compile_condition
 from .shadow import ShadowPool, ShadowStats
 from .stores._url import open_store
 from .stores.base import Lease, SharedStore, Store, Versioned
@@ -109,13 +109,16 @@ class _Live:
 class _Compiled:
     """A rollout compiled for the hot path, with its locally known state (``live``, swapped atomically)."""
 
-    __slots__ = ("live", "prefix", "rollout", "rules", "stickiness")
+    __slots__ = ("identity_only", "live", "prefix", "rollout", "rules", "stickiness")
 
-    def __init__(self, rollout: Rollout, rules: tuple[_Rule, ...]):
+    def __init__(self, rollout: Rollout, rules: tuple[_Rule, ...], attributes: frozenset[str]):
         self.rollout = rollout
         self.prefix = rollout.effective_salt + ":"
         self.stickiness = rollout.stickiness
         self.rules = rules
+        self.identity_only = attributes <= IDENTITY_ATTRIBUTES
+        """Whether the rollout reads no attribute but ``user_id`` and ``session_id`` (a lazy web request then
+        decides on its identity alone, without working out its other attributes)."""
         self.live: _Live
 
 
@@ -191,7 +194,8 @@ class Router:
         self._rollouts = self._collect(rollouts, segments)
         self._segments = self._compile_segments(segments)
         self._compiled: dict[str, _Compiled] = {
-            name: _Compiled(rollout, self._compile_rules(rollout)) for name, rollout in self._rollouts.items()
+            name: _Compiled(rollout, self._compile_rules(rollout), self._attributes_read(rollout, segments))
+            for name, rollout in self._rollouts.items()
         }
         self._observers: tuple[Observer, ...] = ()
         self._forced: dict[str, Variant] = {}
@@ -313,6 +317,19 @@ class Router:
         issues.raise_if_any()
         return compiled
 
+    @staticmethod
+    def _attributes_read(
+        rollout: Rollout, segments: Mapping[str, Sequence[Condition | Mapping[str, Any]]] | None
+    ) -> frozenset[str]:
+        """The context attributes a rollout's decision reads: its stickiness and its rules' (segments included)."""
+        names = set(rollout.stickiness)
+        for rule in rollout.rules:
+            conditions = list(rule.when)
+            for seg in rule.segments:  # validated by _compile_segments already
+                conditions.extend(_conditions(list((segments or {}).get(seg, ())), "", _Issues()) or ())
+            names.update(cond.attribute for cond in conditions if cond.attribute != CURRENT_TIME)
+        return frozenset(names)
+
     def _compile_rules(self, rollout: Rollout) -> tuple[_Rule, ...]:
         out: list[_Rule] = []
         for rule in rollout.rules:
@@ -412,7 +429,8 @@ class Router:
             elif kind in _DEFERRED:  # a web request's context, resolved on first use
                 resolved: Context | None = context._resolved  # type: ignore[attr-defined]
                 if resolved is None:
-                    resolved = context._get()  # type: ignore[attr-defined]
+                    # the request's identity is enough for most rollouts, and much cheaper than all of it
+                    resolved = context._identity() if compiled.identity_only else context._get()  # type: ignore[attr-defined]
                 attrs = resolved._attrs
                 overrides = resolved._overrides
                 if overrides:

@@ -233,9 +233,9 @@ def _find_cookies(header: str, keys: tuple[tuple[str, str, int], ...]) -> dict[s
     if len(header) > _MAX_COOKIE_HEADER:
         return found
     for name, key, size in keys:
-        if key not in header:  # the usual answer for most names, and cheaper than find()
-            continue
         at = header.find(key)
+        if at < 0:  # the usual answer for most names
+            continue
         while at > 0 and header[at - 1] not in "; ":  # "xcanary_vid=" is another cookie: look further
             at = header.find(key, at + 1)
             if at < 0:
@@ -410,102 +410,21 @@ class WebResolver:
     ) -> _Parts:
         """:meth:`resolve` from the request's fields (an adapter need not build a :class:`RequestInfo`); never raises.
 
-        One function on purpose: it runs on every request that is resolved, and each call saved is a measurable
-        share of it. With ``decide=False`` (a lazy adapter, which has its own decisions mapping) and no eager
-        option, the decisions part is an empty mapping.
+        The identity (:meth:`_identity`), then the request's attributes laid over it (:meth:`_complete`). With
+        ``decide=False`` (a lazy adapter, which has its own decisions mapping) and no eager option, the
+        decisions part is an empty mapping.
         """
         try:
-            opts = self.options
-            key = self._key
-            cookies: Mapping[str, str] = _NO_COOKIES
-            if self._cookie_keys:
-                cookie_header = headers.get("cookie")
-                if cookie_header:
-                    cookies = _find_cookies(cookie_header, self._cookie_keys)
-            set_cookies: list[str] = []
-            if peer is None:
-                client: str | None = None
-                trusted = False
-            else:
-                cached = self._peers.get(peer)
-                client, trusted = cached if cached is not None else self._peer(peer)
-                if trusted and "x-forwarded-for" in headers:
-                    client = self._forwarded_client(client, headers)
-
-            attrs: dict[str, Any] = {}
-            user = user_id
-            if user is None and trusted and opts.user_header:
-                value = headers.get(opts.user_header)
-                if value and len(value) <= _MAX_ATTRIBUTE and value.isprintable():
-                    user = value
-            if user is None and opts.user_cookie:
-                signed = cookies.get(opts.user_cookie)
-                if signed:
-                    user = verify_value(key, "user", signed)
-                    if user is None:
-                        self._count("malformed_input")
-            if user is not None and user != "":
-                attrs["user_id"] = user
-
-            visitor_cookie = opts.visitor_cookie
-            if visitor_cookie:
-                visitor = cookies.get(visitor_cookie)
-                if visitor is None or _VISITOR_ID(visitor) is None:
-                    if visitor is not None:
-                        self._count("malformed_input")
-                    visitor = secrets.token_hex(16)
-                    secure = scheme == "https" or scheme == "wss"  # noqa: PLR1714  # no tuple on the hot path
-                    set_cookies.append(self._cookie(visitor_cookie, visitor, opts.visitor_max_age, secure))
-                attrs["session_id"] = visitor
-
-            attrs["path"] = path[:_MAX_ATTRIBUTE]
-            attrs["method"] = method
-            host = headers.get("host")
-            if host:
-                attrs["host"] = host[:_MAX_ATTRIBUTE]
-            if client:
-                attrs["client_ip"] = client
-            agent = headers.get("user-agent")
-            if agent:
-                attrs["user_agent"] = agent[:_MAX_ATTRIBUTE]
-            language = headers.get("accept-language")
-            if language:
-                first = self._languages.get(language)
-                if first is None:
-                    first = self._language(language)
-                if first:
-                    attrs["accept_language"] = first
-            if trusted:
-                for attribute, header in self._geo:
-                    value = headers.get(header)
-                    if value and len(value) <= 64 and value.isprintable():
-                        attrs[attribute] = value.strip()
-            if opts.attributes is not None:
-                if info is None:
-                    info = RequestInfo(method, path, scheme, query, peer, headers, user_id)
-                try:
-                    attrs.update(opts.attributes(info))
-                except Exception as exc:
-                    self.router._warn("web-attributes", f"the attributes callable failed: {exc!r}")
-
-            overrides: Mapping[str, Variant] = _NO_VARIANTS
-            if key is not None and (
-                (opts.override_cookie in cookies)
-                or (opts.override_header and opts.override_header in headers)
-                or (opts.override_query and opts.override_query in query)
-            ):
-                overrides = self._overrides(query, headers, cookies, set_cookies, scheme in ("https", "wss"))
-            context = _new_context(Context)
-            _set_attrs(context, attrs)
-            _set_overrides(context, overrides)
+            identity, set_cookies, trusted, cookies = self._identity(scheme, query, peer, headers, user_id)
+            context = self._complete(identity, trusted, method, path, scheme, query, peer, headers, user_id, info)
             if not self._eager:
-                _set_pins(context, _NO_VARIANTS)
                 decisions = LazyDecisions(self.router, context, self._names) if decide else _NO_DECISIONS
                 return context, decisions, set_cookies, None
+            opts = self.options
             pins: Mapping[str, Variant] = _NO_VARIANTS
             pin_kind = ""
             if opts.affinity:
-                pins, pin_kind = self._read_pins(cookies, attrs)
+                pins, pin_kind = self._read_pins(cookies, context._attrs)
             _set_pins(context, pins)  # decide() serves them (after a rollback or completion)
             router_decide = self.router.decide
             decided = {name: router_decide(name, context) for name in self._names}
@@ -520,6 +439,123 @@ class WebResolver:
             self.router._warn("web", f"request resolution failed, serving 'old': {exc!r}")
             context = Context()
             return context, LazyDecisions(self.router, context, self._names), [], None
+
+    def _identity(
+        self, scheme: str, query: str, peer: str | None, headers: Mapping[str, str], user_id: str | None
+    ) -> tuple[Context, list[str], bool, Mapping[str, str]]:
+        """The first stage of a resolution: who the request is, and the cookies that follow from it.
+
+        Returns a context holding only ``user_id`` and ``session_id`` (what most rollouts are bucketed by) with
+        the verified overrides, the ``Set-Cookie`` values (a new visitor id, a rewritten override cookie),
+        whether the peer is a trusted proxy, and the request's own cookies. :meth:`_complete` lays the request's
+        other attributes over it. One function on purpose: it runs on every request that decides, and each call
+        saved is a measurable share of it. Raises only on a bug (the callers catch it).
+        """
+        opts = self.options
+        cookies: Mapping[str, str] = _NO_COOKIES
+        if self._cookie_keys:
+            cookie_header = headers.get("cookie")
+            if cookie_header:
+                cookies = _find_cookies(cookie_header, self._cookie_keys)
+        set_cookies: list[str] = []
+        trusted = False
+        if peer is not None:
+            cached = self._peers.get(peer)
+            trusted = (cached if cached is not None else self._peer(peer))[1]
+        attrs: dict[str, Any] = {}
+        user = user_id
+        if user is None and trusted and opts.user_header:
+            value = headers.get(opts.user_header)
+            if value and len(value) <= _MAX_ATTRIBUTE and value.isprintable():
+                user = value
+        if user is None and opts.user_cookie:
+            signed = cookies.get(opts.user_cookie)
+            if signed:
+                user = verify_value(self._key, "user", signed)
+                if user is None:
+                    self._count("malformed_input")
+        if user is not None and user != "":
+            attrs["user_id"] = user
+        visitor_cookie = opts.visitor_cookie
+        if visitor_cookie:
+            visitor = cookies.get(visitor_cookie)
+            if visitor is None or _VISITOR_ID(visitor) is None:
+                if visitor is not None:
+                    self._count("malformed_input")
+                visitor = secrets.token_hex(16)
+                secure = scheme == "https" or scheme == "wss"  # noqa: PLR1714  # no tuple on the hot path
+                set_cookies.append(self._cookie(visitor_cookie, visitor, opts.visitor_max_age, secure))
+            attrs["session_id"] = visitor
+        overrides: Mapping[str, Variant] = _NO_VARIANTS
+        if self._key is not None and (
+            (opts.override_cookie in cookies)
+            or (opts.override_header and opts.override_header in headers)
+            or (opts.override_query and opts.override_query in query)
+        ):
+            overrides = self._overrides(query, headers, cookies, set_cookies, scheme in ("https", "wss"))
+        context = _new_context(Context)
+        _set_attrs(context, attrs)
+        _set_overrides(context, overrides)
+        _set_pins(context, _NO_VARIANTS)
+        return context, set_cookies, trusted, cookies
+
+    def _complete(
+        self,
+        identity: Context,
+        trusted: bool,
+        method: str,
+        path: str,
+        scheme: str,
+        query: str,
+        peer: str | None,
+        headers: Mapping[str, str],
+        user_id: str | None,
+        info: RequestInfo | None,
+    ) -> Context:
+        """The second stage: a new context with the request's attributes laid over ``identity``'s.
+
+        ``identity`` is left as it was (decisions may have been made on it). Raises only on a bug.
+        """
+        attrs = identity._attrs.copy()
+        attrs["path"] = path[:_MAX_ATTRIBUTE]
+        attrs["method"] = method
+        host = headers.get("host")
+        if host:
+            attrs["host"] = host[:_MAX_ATTRIBUTE]
+        if peer is not None:
+            cached = self._peers.get(peer)
+            client = (cached if cached is not None else self._peer(peer))[0]
+            if trusted and "x-forwarded-for" in headers:
+                client = self._forwarded_client(client, headers)
+            if client:
+                attrs["client_ip"] = client
+        agent = headers.get("user-agent")
+        if agent:
+            attrs["user_agent"] = agent[:_MAX_ATTRIBUTE]
+        language = headers.get("accept-language")
+        if language:
+            first = self._languages.get(language)
+            if first is None:
+                first = self._language(language)
+            if first:
+                attrs["accept_language"] = first
+        if trusted:
+            for attribute, header in self._geo:
+                value = headers.get(header)
+                if value and len(value) <= 64 and value.isprintable():
+                    attrs[attribute] = value.strip()
+        if self.options.attributes is not None:
+            if info is None:
+                info = RequestInfo(method, path, scheme, query, peer, headers, user_id)
+            try:
+                attrs.update(self.options.attributes(info))
+            except Exception as exc:
+                self.router._warn("web-attributes", f"the attributes callable failed: {exc!r}")
+        context = _new_context(Context)
+        _set_attrs(context, attrs)
+        _set_overrides(context, identity._overrides)
+        _set_pins(context, _NO_VARIANTS)
+        return context
 
     def _overrides(
         self, query: str, headers: Mapping[str, str], cookies: Mapping[str, str], set_cookies: list[str], secure: bool

@@ -24,9 +24,10 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import Context as _VarContext
 from contextvars import copy_context
+from functools import partial
 from time import perf_counter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from .context import _EMPTY_CONTEXT, Context, _current, _Deferred
 from .model import OLD, Decision, Reason
@@ -235,32 +236,81 @@ class _Body:
             exchange.finish(None)
 
 
-class _Request(_Deferred):
-    """One request in decision mode: its context, resolved on first use, and the ``start_response`` for the app.
+_END = object()  # the end of a body's iterator (next(iterator, _END)); never a chunk
 
-    Until something reads the context or decides, ``start_response`` passes the app's headers on as they are:
-    the response depends on no cookie, so it gets no ``Vary: Cookie`` and no cookie. Once resolved, the
-    response gets ``Vary: Cookie`` and the resolution's ``Set-Cookie`` headers.
+
+class _ContextBody:
+    """The app's response iterable in decision mode, iterated and closed inside the request's ``contextvars`` context.
+
+    :class:`_Body` without the split mode's recording: its iterator is the built-in one of ``iter(callable,
+    sentinel)`` over ``context.run(next, iterator, _END)``, so a chunk costs no Python frame of ours.
     """
 
-    __slots__ = ("_environ", "_extra", "_middleware", "_start", "_started")
+    __slots__ = ("_iterable", "_vars")
+
+    def __init__(self, iterable: Iterable[bytes], variables: _VarContext) -> None:
+        self._iterable = iterable
+        self._vars = variables
+
+    def __iter__(self) -> Iterator[bytes]:
+        run = self._vars.run
+        chunk = cast("Callable[[], bytes]", partial(run, next, run(iter, self._iterable), _END))
+        return iter(chunk, _END)
+
+    def close(self) -> None:
+        """Close the app's iterable (PEP 3333), in the request's context."""
+        close = getattr(self._iterable, "close", None)
+        if close is not None:
+            self._vars.run(close)
+
+
+class _Request(_Deferred):
+    """One request in decision mode: its context, worked out on first use, and the ``start_response`` for the app.
+
+    Until something reads the context or decides, ``start_response`` passes the app's headers on as they are:
+    the response depends on no cookie, so it gets no ``Vary: Cookie`` and no cookie. The work is done in two
+    stages, as in the ASGI middleware: the identity (the user, the visitor cookie, the overrides), which is all
+    a rollout bucketed by ``user_id`` or ``session_id`` without other rules needs, then the request's other
+    attributes, for any other read. Once the identity is known, the response gets ``Vary: Cookie`` and the
+    resolution's ``Set-Cookie`` headers.
+    """
+
+    __slots__ = ("_environ", "_extra", "_headers", "_ident", "_middleware", "_start", "_started", "_trusted", "_user")
 
     def __init__(self, middleware: CanaryMiddleware, environ: WSGIEnvironment, start: StartResponse) -> None:
         self._resolved = None
+        self._ident: Context | None = None
         self._middleware = middleware
         self._environ = environ
         self._start = start
         self._started = False
 
-    def _resolve(self) -> Context:
-        """Read the environ and resolve it (the resolver never raises; anything else degrades to an empty context)."""
+    def _identity(self) -> Context:
+        """The first stage (see the class): the resolved context once there is one."""
+        resolved = self._resolved
+        if resolved is not None:
+            return resolved
+        if not self._middleware._staged:  # an attributes callable may set the identity: resolve it all
+            return self._get()
+        ident = self._ident
+        return ident if ident is not None else self._first_stage()
+
+    def _first_stage(self) -> Context:
+        """Read the identity headers and work the identity out (never raises: a failure gives an empty context)."""
         middleware = self._middleware
+        self._headers: dict[str, str] | None = None
         try:
-            context, _, cookies, _ = middleware.resolver._resolve(*middleware._fields(self._environ), None, False)
+            environ = self._environ
+            headers = middleware._read_headers(environ, middleware._identity_keys)
+            self._user = user = middleware._user(environ)
+            scheme, query, peer = middleware._scheme_query_peer(environ)
+            ident, cookies, self._trusted, _ = middleware.resolver._identity(scheme, query, peer, headers, user)
+            self._headers = headers
         except Exception as exc:  # pragma: no cover - defensive: reading the environ never raises, resolving neither
             middleware.resolver._count("errors")
             middleware.router._warn("wsgi", f"request resolution failed, deciding on an empty context: {exc!r}")
-            context, cookies = Context(), []
+            ident, cookies = Context(), []
+        self._ident = ident
         self._extra = [("Set-Cookie", cookie) for cookie in cookies] if cookies else _NO_HEADERS
         if self._started and cookies:  # e.g. a decision in a streaming body: a new visitor's id is not kept
             middleware.router._warn(
@@ -268,13 +318,35 @@ class _Request(_Deferred):
                 "a request was resolved after its response started, so its Vary and Set-Cookie headers were not sent "
                 "(read the decisions or decide before the response starts)",
             )
-        return context
+        return ident
+
+    def _resolve(self) -> Context:
+        """Both stages: the identity, then the other attributes over it (never raises)."""
+        ident = self._ident
+        if ident is None:
+            ident = self._first_stage()
+        headers = self._headers
+        if headers is None:  # pragma: no cover - the first stage failed
+            return ident
+        middleware = self._middleware
+        try:
+            environ = self._environ
+            headers.update(middleware._read_headers(environ, middleware._other_keys))
+            method, path = middleware._method_path(environ)
+            scheme, query, peer = middleware._scheme_query_peer(environ)
+            return middleware.resolver._complete(
+                ident, self._trusted, method, path, scheme, query, peer, headers, self._user, None
+            )
+        except Exception as exc:  # pragma: no cover - defensive: reading the environ never raises, resolving neither
+            middleware.resolver._count("errors")
+            middleware.router._warn("wsgi", f"request resolution failed, deciding on the identity alone: {exc!r}")
+            return ident
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
     ) -> Callable[[bytes], object]:
-        """PEP 3333 ``start_response`` for the app: adds our headers to the response of a resolved request."""
-        if self._resolved is None:  # nothing depended on the request's cookies so far
+        """PEP 3333 ``start_response`` for the app: adds our headers once the request's identity is known."""
+        if self._ident is None:  # nothing depended on the request's cookies so far
             self._started = True
         else:
             vary = self._middleware._vary
@@ -338,6 +410,10 @@ class CanaryMiddleware:
         self._environ_keys: tuple[tuple[str, str], ...] = tuple(
             ("HTTP_" + name.upper().replace("-", "_"), name) for name in sorted(options.wanted_headers)
         )
+        identity = {"cookie", options.user_header, options.override_header}  # what WebResolver._identity reads
+        self._identity_keys = tuple((key, name) for key, name in self._environ_keys if name in identity)
+        self._other_keys = tuple((key, name) for key, name in self._environ_keys if name not in identity)
+        self._staged = options.attributes is None  # else the callable may set the identity: one stage only
         self._names = self.resolver.rollout_names
         # Decision mode resolves a request when something first reads its context or decisions; split mode
         # decides every request, and affinity and the Canary-Variant header need every decision up front.
@@ -353,10 +429,17 @@ class CanaryMiddleware:
 
     def _fields(self, environ: WSGIEnvironment) -> tuple[str, str, str, str, str | None, dict[str, str], str | None]:
         """:meth:`request_info`'s fields in order, for the resolver (no :class:`RequestInfo` per request)."""
+        headers = self._read_headers(environ, self._environ_keys)
+        method, path = self._method_path(environ)
+        scheme, query, peer = self._scheme_query_peer(environ)
+        return method, path, scheme, query, peer, headers, self._user(environ)
+
+    def _read_headers(self, environ: WSGIEnvironment, keys: tuple[tuple[str, str], ...]) -> dict[str, str]:
+        """The ``keys`` (environ key, header name) found in ``environ``, re-decoded as UTF-8; bad ones dropped."""
         get = environ.get
         headers: dict[str, str] = {}
         malformed = False
-        for key, name in self._environ_keys:
+        for key, name in keys:
             value = get(key)
             if value:
                 if type(value) is not str or not value.isascii():
@@ -367,30 +450,41 @@ class CanaryMiddleware:
                 headers[name] = value
         if malformed:
             self.resolver._count("malformed_input")
+        return headers
+
+    @staticmethod
+    def _method_path(environ: WSGIEnvironment) -> tuple[str, str]:
+        """The request's method and path (``SCRIPT_NAME`` + ``PATH_INFO``, re-decoded as UTF-8)."""
+        get = environ.get
         script, path = get("SCRIPT_NAME", ""), get("PATH_INFO", "")
         if type(script) is not str or type(path) is not str or not (script.isascii() and path.isascii()):
             script, path = _native(script) or "", _native(path) or ""
         method = get("REQUEST_METHOD")
+        return method if type(method) is str else "GET", script + path or "/"
+
+    @staticmethod
+    def _scheme_query_peer(environ: WSGIEnvironment) -> tuple[str, str, str | None]:
+        """The request's URL scheme, query string (re-decoded as UTF-8) and peer address."""
+        get = environ.get
         scheme = get("wsgi.url_scheme")
         query = get("QUERY_STRING")
         peer = get("REMOTE_ADDR")
-        user: str | None = None
-        if self.user_id_from is not None:
-            try:
-                found = self.user_id_from(environ)
-            except Exception as exc:
-                self.router._warn("wsgi-user", f"user_id_from failed: {exc!r}")
-                found = None
-            user = found if isinstance(found, str) and found else None
         return (
-            method if type(method) is str else "GET",
-            script + path or "/",
             scheme if type(scheme) is str else "http",
             (query if query.isascii() else _native(query) or "") if type(query) is str else "",
             peer if type(peer) is str else None,
-            headers,
-            user,
         )
+
+    def _user(self, environ: WSGIEnvironment) -> str | None:
+        """The user ``user_id_from`` finds in ``environ`` (``None`` without one, or when it fails)."""
+        if self.user_id_from is None:
+            return None
+        try:
+            found = self.user_id_from(environ)
+        except Exception as exc:
+            self.router._warn("wsgi-user", f"user_id_from failed: {exc!r}")
+            return None
+        return found if isinstance(found, str) and found else None
 
     def resolve(self, environ: WSGIEnvironment) -> Resolution:
         """Resolve the request's context and decisions; never raises (an empty context when all else fails)."""
@@ -418,7 +512,7 @@ class CanaryMiddleware:
             wrapper = environ.get("wsgi.file_wrapper")
             if wrapper is not None and kind is wrapper:  # keep the server's sendfile path
                 return result
-            return _Body(result, variables, None)
+            return _ContextBody(result, variables)
         try:
             context, found, cookies, variant = self.resolver._resolve(*self._fields(environ))
         except Exception:  # pragma: no cover - defensive: reading the environ never raises, resolving neither
@@ -451,7 +545,7 @@ class CanaryMiddleware:
             wrapper = environ.get("wsgi.file_wrapper")
             if wrapper is not None and kind is wrapper:  # keep the server's sendfile path
                 return result
-            return _Body(result, variables, None)
+            return _ContextBody(result, variables)
         decision = found.get(rollout) or _ERROR_DECISION
         app: WSGIApp = self.new_app if decision[0] == "new" and self.new_app is not None else self.app
         exchange = _Exchange(start_response, extra, vary, self.router)
