@@ -73,6 +73,17 @@ def bench_web(session: nox.Session) -> None:
     session.run("python", "bench/bench_wsgi.py", "--quiet", "--write", "docs/benchmarks.md")
 
 
+@nox.session(name="bench-instructions", python=PYTHON)
+def bench_instructions(session: nox.Session) -> None:
+    """Count the web middleware's instructions per request with callgrind; rewrite their section of docs/benchmarks.md.
+
+    Needs ``valgrind`` on PATH; takes several minutes. Arguments after ``--`` go to the script (``--batches 5``).
+    """
+    session.install(".", "starlette>=0.37", "Flask>=3.0")
+    script = "bench/bench_web_instructions.py"
+    session.run("python", script, "--quiet", "--write", "docs/benchmarks.md", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def simulate(session: nox.Session) -> None:
     """Run the full guard simulation (1,000 rollouts per scenario) and rewrite docs/guard-simulation.md.

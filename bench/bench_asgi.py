@@ -456,6 +456,10 @@ def sanity_check(router: canary_router.Router, cases: list[Case]) -> list[str]:
                 wants_cookie = case.key == "canary_decide_new"
                 if (b"set-cookie" in names) != wants_cookie:
                     problems.append(f"{case.key}: Set-Cookie {'missing' if wants_cookie else 'unexpected'}")
+                if not deciding:  # reading a decision now would resolve the request after its response
+                    if "recommender" not in scope["state"]["canary"]:
+                        problems.append(f"{case.key}: no lazy decision for the rollout in the scope's state")
+                    continue
                 decision = scope["state"]["canary"]["recommender"]
                 user = dict(case.scopes[0]["headers"])[b"x-user-id"].decode()
                 if decision.unit != user:

@@ -593,8 +593,8 @@ def markdown(tables: tuple[list[Row], list[Row], list[Row]], note: str, env: dic
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = benchlib.bench_parser(__doc__, repeats=31, warmup=2)
-    parser.add_argument("--calls", type=int, default=2000, help="requests per sample (default 2000)")
+    parser = benchlib.bench_parser(__doc__, repeats=200, warmup=5)
+    parser.add_argument("--calls", type=int, default=300, help="requests per sample (default 300)")
     benchlib.add_common_options(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.calls < 1 or args.warmup < 0:

@@ -153,8 +153,8 @@ def fmt_range(low: float | None, high: float | None, digits: int = 3) -> str:
 
 
 def fmt_target(target: float | None, suffix: str = "") -> str:
-    """Format a target as "≤ 1.5" (plus ``suffix``), or "—"."""
-    return DASH if target is None else f"≤ {target:g}{suffix}"
+    """Format a target as "≤ 1.5" (at most two decimals, plus ``suffix``), or "—"."""
+    return DASH if target is None else f"≤ {round(target, 2):g}{suffix}"
 
 
 def markdown_status(status: str) -> str:

@@ -9,6 +9,7 @@ nothing must get neither ``Vary`` nor a cookie, and count nothing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -574,3 +575,26 @@ def test_a_new_visitor_keeps_one_id_through_both_stages(staged: Router, kind: st
     assert reply["by-user"][3] == visitor
     assert reply["context"]["path"] == "/page"
     assert reply["context"]["user_agent"] == "agent"
+
+
+@pytest.mark.parametrize("deciding", [False, True], ids=["nothing decided", "decided"])
+@pytest.mark.parametrize("body", ["iterator", "list"])
+def test_a_wsgi_request_leaves_no_reference_cycle(router: Router, deciding: bool, body: str) -> None:
+    """Once the response is done the request lets its environ go: nothing is left for the garbage collector."""
+    if body == "list":
+        app = WsgiMiddleware(staged_wsgi_app(router, ["r"] if deciding else [], False), router=router, **OPTIONS)
+    else:
+        app = WsgiMiddleware(wsgi_app(router, deciding), router=router, **OPTIONS)
+    wsgi_call(app, "127.0.0.1", {"x-user-id": "u7"})  # warm: first calls fill caches
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            reply = wsgi_call(app, "127.0.0.1", {"x-user-id": "u7", "cookie": f"canary_vid={VID}"})
+            late = reply["environ"][DECISIONS_KEY]
+            del reply
+        assert late["r"].unit == "u7"  # a late read, after the response, still resolves the request
+        del late
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

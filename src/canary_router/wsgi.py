@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import Context as _VarContext
 from contextvars import copy_context
 from functools import partial
+from itertools import chain
 from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
@@ -239,29 +240,50 @@ class _Body:
 _END = object()  # the end of a body's iterator (next(iterator, _END)); never a chunk
 
 
-class _ContextBody:
+class _ContextBody(chain[bytes]):
     """The app's response iterable in decision mode, iterated and closed inside the request's ``contextvars`` context.
 
-    :class:`_Body` without the split mode's recording: its iterator is the built-in one of ``iter(callable,
-    sentinel)`` over ``context.run(next, iterator, _END)``, so a chunk costs no Python frame of ours.
+    :class:`_Body` without the split mode's recording, made by :func:`_context_body`. Iterating it is the
+    built-in iteration of :class:`itertools.chain` over ``iter(callable, sentinel)`` of ``context.run(next,
+    iterator, _END)``: a chunk costs no Python frame of ours. :meth:`close` closes the app's iterable in the
+    context, then lets the lazy request go (``_request``, or ``None``).
     """
 
-    __slots__ = ("_iterable", "_vars")
+    __slots__ = ("_iterable", "_request", "_vars")
 
-    def __init__(self, iterable: Iterable[bytes], variables: _VarContext) -> None:
-        self._iterable = iterable
-        self._vars = variables
-
-    def __iter__(self) -> Iterator[bytes]:
-        run = self._vars.run
-        chunk = cast("Callable[[], bytes]", partial(run, next, run(iter, self._iterable), _END))
-        return iter(chunk, _END)
+    _iterable: Iterable[bytes]
+    _request: _Request | None
+    _vars: _VarContext
 
     def close(self) -> None:
-        """Close the app's iterable (PEP 3333), in the request's context."""
-        close = getattr(self._iterable, "close", None)
-        if close is not None:
-            self._vars.run(close)
+        """Close the app's iterable (PEP 3333), in the request's context; then let the request go."""
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                self._vars.run(close)
+        finally:
+            request = self._request
+            if request is not None:
+                request._detach()
+
+
+def _context_body(result: Iterable[bytes], variables: _VarContext, request: _Request | None) -> _ContextBody:
+    """A :class:`_ContextBody` over the app's ``result`` (whose ``iter()`` runs in ``variables`` now)."""
+    run = variables.run
+    chunks = cast("Callable[[], bytes]", partial(run, next, run(iter, result), _END))
+    body = _ContextBody(iter(chunks, _END))
+    body._iterable = result
+    body._vars = variables
+    body._request = request
+    return body
+
+
+_NO_ENVIRON: WSGIEnvironment = {}  # shared, never written to
+
+
+def _completed(status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /) -> Any:
+    """The ``start_response`` of a request whose response is complete."""
+    raise RuntimeError("start_response called after the response was complete")
 
 
 class _Request(_Deferred):
@@ -278,6 +300,7 @@ class _Request(_Deferred):
     __slots__ = ("_environ", "_extra", "_headers", "_ident", "_middleware", "_start", "_started", "_trusted", "_user")
 
     def __init__(self, middleware: CanaryMiddleware, environ: WSGIEnvironment, start: StartResponse) -> None:
+        # CanaryMiddleware.__call__ makes its requests without this call: keep the two in step
         self._resolved = None
         self._ident: Context | None = None
         self._middleware = middleware
@@ -342,6 +365,25 @@ class _Request(_Deferred):
             middleware.router._warn("wsgi", f"request resolution failed, deciding on the identity alone: {exc!r}")
             return ident
 
+    def _detach(self) -> None:
+        """At the end of the request: drop the references back to the environ and the server.
+
+        The environ refers to this object, so they would form a reference cycle, freed only by the garbage
+        collector. A request whose attributes were not read yet keeps a copy of the environ without our keys,
+        for a late read.
+        """
+        self._start = _completed
+        environ = self._environ
+        if self._resolved is None and environ is not _NO_ENVIRON:
+            try:
+                detached = environ.copy()
+                del detached[DECISIONS_KEY], detached[CONTEXT_KEY]
+            except Exception:  # the app took our keys out: keep what is left
+                detached = {k: v for k, v in environ.items() if k not in (DECISIONS_KEY, CONTEXT_KEY)}
+            self._environ = detached
+        else:
+            self._environ = _NO_ENVIRON
+
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
     ) -> Callable[[bytes], object]:
@@ -355,6 +397,10 @@ class _Request(_Deferred):
         if exc_info is None:
             return self._start(status, headers)
         return self._start(status, headers, exc_info)
+
+
+_new_request = _Request.__new__
+_new_decisions = LazyDecisions.__new__
 
 
 def _call_app(
@@ -500,19 +546,52 @@ class CanaryMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Handle one request (PEP 3333)."""
-        if self._lazy and _current.get() is _EMPTY_CONTEXT and not self._override_link(environ):
-            request = _Request(self, environ, start_response)
-            environ[DECISIONS_KEY] = LazyDecisions(self.router, request, self._names)
-            environ[CONTEXT_KEY] = request
-            variables = copy_context()
-            result = variables.run(_call_app, self.app, request, environ, request.start_response)
-            kind = type(result)
-            if kind is list or kind is tuple:  # nothing runs while it is iterated
-                return result
-            wrapper = environ.get("wsgi.file_wrapper")
-            if wrapper is not None and kind is wrapper:  # keep the server's sendfile path
-                return result
-            return _ContextBody(result, variables)
+        if self._lazy and _current.get() is _EMPTY_CONTEXT:
+            override = self._override_query  # a tester's override link is resolved up front, stored in its cookie
+            query = environ.get("QUERY_STRING") if override is not None else None
+            if override is None or not query or (type(query) is str and override not in query):
+                # _Request(self, environ, start_response) and LazyDecisions(router, request, names), inlined:
+                # two calls less on every request
+                request = _new_request(_Request)
+                request._resolved = None
+                request._ident = None
+                request._middleware = self
+                request._environ = environ
+                request._start = start_response
+                request._started = False
+                decisions = _new_decisions(LazyDecisions)
+                decisions._router = self.router
+                decisions._context = request
+                decisions._names = self._names
+                decisions._decided = None
+                environ[DECISIONS_KEY] = decisions
+                environ[CONTEXT_KEY] = request
+                variables = copy_context()
+                variables.run(_current.set, request)  # in the copy only: nothing to reset
+                try:
+                    result = variables.run(self.app, environ, request.start_response)
+                except BaseException:
+                    request._detach()
+                    raise
+                kind = type(result)
+                if kind is list or kind is tuple:  # nothing runs while it is iterated
+                    request._detach()
+                    return result
+                wrapper = environ.get("wsgi.file_wrapper")
+                if wrapper is not None and kind is wrapper:  # keep the server's sendfile path
+                    request._detach()
+                    return result
+                try:  # _context_body, inlined: one call less on every request
+                    run = variables.run
+                    chunks = cast("Callable[[], bytes]", partial(run, next, run(iter, result), _END))
+                except BaseException:
+                    request._detach()
+                    raise
+                body = _ContextBody(iter(chunks, _END))
+                body._iterable = result
+                body._vars = variables
+                body._request = request
+                return body
         try:
             context, found, cookies, variant = self.resolver._resolve(*self._fields(environ))
         except Exception:  # pragma: no cover - defensive: reading the environ never raises, resolving neither
@@ -545,7 +624,7 @@ class CanaryMiddleware:
             wrapper = environ.get("wsgi.file_wrapper")
             if wrapper is not None and kind is wrapper:  # keep the server's sendfile path
                 return result
-            return _ContextBody(result, variables)
+            return _context_body(result, variables, None)
         decision = found.get(rollout) or _ERROR_DECISION
         app: WSGIApp = self.new_app if decision[0] == "new" and self.new_app is not None else self.app
         exchange = _Exchange(start_response, extra, vary, self.router)
@@ -558,14 +637,6 @@ class CanaryMiddleware:
             exchange.finish(exc)
             raise
         return _Body(result, variables, exchange)
-
-    def _override_link(self, environ: WSGIEnvironment) -> bool:
-        """Whether the query string may carry an override token (the request is then resolved up front)."""
-        name = self._override_query
-        if name is None:
-            return False
-        query = environ.get("QUERY_STRING")
-        return bool(query) and (type(query) is not str or name in query)
 
     def __repr__(self) -> str:
         mode = f"split {self.rollout!r}" if self.rollout is not None else "decisions"
