@@ -100,13 +100,13 @@ def asgi_app(router: Router, deciding: bool) -> Callable[..., Any]:
     return app
 
 
-def asgi_call(app: Any, peer: str, headers: Mapping[str, str], query: str = "") -> dict[str, Any]:
+def asgi_call(app: Any, peer: str, headers: Mapping[str, str], query: str = "", path: str = "/") -> dict[str, Any]:
     """One request through ``app``; what it answered, its Set-Cookie lines and Vary."""
     scope: Scope = {
         "type": "http",
         "method": "GET",
         "scheme": "http",
-        "path": "/",
+        "path": path,
         "query_string": query.encode(),
         "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
         "client": (peer, 50000),
@@ -236,12 +236,12 @@ def wsgi_app(router: Router, deciding: bool) -> Callable[..., Iterable[bytes]]:
     return app
 
 
-def wsgi_call(app: Any, peer: str, headers: Mapping[str, str], query: str = "") -> dict[str, Any]:
+def wsgi_call(app: Any, peer: str, headers: Mapping[str, str], query: str = "", path: str = "/") -> dict[str, Any]:
     """One request through ``app`` like a server; what it answered, its Set-Cookie lines and Vary."""
     environ: dict[str, Any] = {
         "REQUEST_METHOD": "GET",
         "SCRIPT_NAME": "",
-        "PATH_INFO": "/",
+        "PATH_INFO": path,
         "QUERY_STRING": query,
         "REMOTE_ADDR": peer,
         "wsgi.url_scheme": "http",
@@ -475,59 +475,10 @@ def staged_call(kind: str, router: Router, names: list[str], path: str, headers:
     """One request at ``path`` through the lazy middleware of ``kind`` (asgi or wsgi) around the staged app."""
     if kind == "asgi":
         lazy_asgi = AsgiMiddleware(staged_asgi_app(router, names, read), router=router, **OPTIONS)
-        return _asgi_call_at(lazy_asgi, path, headers)
+        return asgi_call(lazy_asgi, "127.0.0.1", headers, path=path)
     lazy_wsgi = WsgiMiddleware(staged_wsgi_app(router, names, read), router=router, **OPTIONS)
-    return _wsgi_call_at(lazy_wsgi, path, headers)
-
-
-def _asgi_call_at(app: Any, path: str, headers: Mapping[str, str]) -> dict[str, Any]:
-    sent: list[Message] = []
-    scope: Scope = {
-        "type": "http",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "query_string": b"",
-        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000),
-    }
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    reply: dict[str, Any] = json.loads(sent[-1]["body"])
-    start = sent[0]["headers"]
-    reply["set_cookies"] = [v.decode() for k, v in start if k == b"set-cookie"]
-    reply["vary"] = [v.decode() for k, v in start if k == b"vary"]
-    return reply
-
-
-def _wsgi_call_at(app: Any, path: str, headers: Mapping[str, str]) -> dict[str, Any]:
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": "GET",
-        "SCRIPT_NAME": "",
-        "PATH_INFO": path,
-        "QUERY_STRING": "",
-        "REMOTE_ADDR": "127.0.0.1",
-        "wsgi.url_scheme": "http",
-    }
-    for name, value in headers.items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
-    started: list[list[tuple[str, str]]] = []
-
-    def start_response(status: str, response: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        started.append(response)
-        return lambda data: None
-
-    result = app(environ, start_response)
-    reply: dict[str, Any] = json.loads(b"".join(result))
-    getattr(result, "close", lambda: None)()
-    reply["set_cookies"] = [v for k, v in started[-1] if k.lower() == "set-cookie"]
-    reply["vary"] = [v for k, v in started[-1] if k.lower() == "vary"]
+    reply = wsgi_call(lazy_wsgi, "127.0.0.1", headers, path=path)
+    del reply["environ"]
     return reply
 
 

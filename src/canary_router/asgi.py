@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequen
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
 
-from .context import _EMPTY_CONTEXT, Context, _current, _Deferred
-from .web import LazyDecisions, RequestInfo, WebOptions, WebResolver, _Parts
+from .context import _EMPTY_CONTEXT, Context, _current
+from .web import LazyDecisions, RequestInfo, WebOptions, WebResolver, _Parts, _StagedRequest
 
 if TYPE_CHECKING:
     from .model import Decision
@@ -285,14 +285,7 @@ class CanaryMiddleware:
         the same answer for the usual scope. The last field is the :class:`RequestInfo` when one was built.
         """
         try:
-            names = self._names_get
-            headers: dict[str, str] = {}
-            for name, value in scope["headers"]:
-                key = names(name)
-                if key is not None:
-                    if key in headers:  # a repeated header: joined by the general path
-                        raise LookupError(key)
-                    headers[key] = value.decode()
+            headers = _scan(scope["headers"], self._names_get)
             client = scope.get("client")
             peer = client[0] if client else None
             method = scope.get("method") or "GET"
@@ -312,14 +305,7 @@ class CanaryMiddleware:
         The usual scope only, read like :meth:`_read` reads it; anything else raises (the caller then uses
         :meth:`_read`), so both give the same values.
         """
-        names = self._identity_get
-        headers: dict[str, str] = {}
-        for name, value in scope["headers"]:
-            key = names(name)
-            if key is not None:
-                if key in headers:  # a repeated header: joined by the general path
-                    raise LookupError(key)
-                headers[key] = value.decode()
+        headers = _scan(scope["headers"], self._identity_get)
         client = scope.get("client")
         peer = client[0] if client else None
         scheme = scope.get("scheme") or ("http" if kind == "http" else "ws")
@@ -397,7 +383,7 @@ class CanaryMiddleware:
         return info
 
 
-class _Request(_Deferred):
+class _Request(_StagedRequest):
     """One request in decision mode: its context, worked out on first use, and the ``send`` that adds our headers.
 
     Until something reads the context or decides, the request costs this object, and ``send`` forwards the
@@ -411,9 +397,7 @@ class _Request(_Deferred):
     __slots__ = (
         "_extra",
         "_fields",
-        "_ident",
         "_kind",
-        "_middleware",
         "_read",
         "_scope",
         "_send",
@@ -421,24 +405,16 @@ class _Request(_Deferred):
         "_trusted",
     )
 
+    _middleware: CanaryMiddleware
+
     def __init__(self, middleware: CanaryMiddleware, scope: Scope, kind: str, send: Send) -> None:
         self._resolved = None
-        self._ident: Context | None = None
+        self._ident = None
         self._middleware = middleware
         self._scope = scope
         self._kind = kind
         self._send = send
         self._started = False
-
-    def _identity(self) -> Context:
-        """The first stage (see the class): the resolved context once there is one."""
-        resolved = self._resolved
-        if resolved is not None:
-            return resolved
-        if not self._middleware._staged:  # an attributes callable may set the identity: resolve it all
-            return self._get()
-        ident = self._ident
-        return ident if ident is not None else self._first_stage()
 
     def _first_stage(self) -> Context:
         """Read the scope and work out the identity (never raises: a failure gives an empty context)."""
@@ -522,6 +498,22 @@ class _Request(_Deferred):
 
 
 _NO_SCOPE: Scope = {}  # shared, never written to
+
+
+def _scan(raw: Any, names: Callable[[bytes], str | None]) -> dict[str, str]:
+    """The headers ``names`` knows, from a usual scope's header list, in one pass; raises on anything else.
+
+    Anything else: a repeated wanted header (the general path joins it), a wanted header whose value is not
+    UTF-8 ``bytes``, a list whose items are not pairs.
+    """
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key = names(name)
+        if key is not None:
+            if key in headers:
+                raise LookupError(key)
+            headers[key] = value.decode()
+    return headers
 
 
 def _completed(message: Message) -> Awaitable[None]:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .context import Context, _new_context, _set_attrs, _set_overrides, _set_pins
+from .context import Context, _Deferred, _new_context, _set_attrs, _set_overrides, _set_pins
 from .model import Decision, Reason, Variant
 from .overrides import decode_pins, encode_pins, resolve_secret, sign_value, verify_token, verify_value
 
@@ -192,6 +192,34 @@ class LazyDecisions(Mapping[str, Decision]):
 
     def __repr__(self) -> str:
         return f"LazyDecisions({dict(self)!r})"
+
+
+class _StagedRequest(_Deferred):
+    """A lazy web request worked out in two stages: what the ASGI and WSGI adapters' requests share.
+
+    The first stage, :meth:`_first_stage` (the adapter's), works out the identity (:meth:`WebResolver._identity`);
+    :meth:`_resolve` (the adapter's too) lays the request's other attributes over it. ``_middleware._staged``
+    is false when an ``attributes`` callable may set the identity: the request is then resolved in one step.
+    """
+
+    __slots__ = ("_ident", "_middleware")
+
+    _ident: Context | None
+    _middleware: Any
+
+    def _identity(self) -> Context:
+        """The first stage: the identity, or the resolved context once there is one."""
+        resolved = self._resolved
+        if resolved is not None:
+            return resolved
+        if not self._middleware._staged:  # an attributes callable may set the identity: resolve it all
+            return self._get()
+        ident = self._ident
+        return ident if ident is not None else self._first_stage()
+
+    def _first_stage(self) -> Context:
+        """Work the identity out and keep it in ``_ident`` (never raises)."""
+        raise NotImplementedError
 
 
 @dataclass(slots=True)

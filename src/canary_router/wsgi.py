@@ -30,9 +30,9 @@ from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
-from .context import _EMPTY_CONTEXT, Context, _current, _Deferred
+from .context import _EMPTY_CONTEXT, Context, _current
 from .model import OLD, Decision, Reason
-from .web import LazyDecisions, RequestInfo, Resolution, WebOptions, WebResolver
+from .web import LazyDecisions, RequestInfo, Resolution, WebOptions, WebResolver, _StagedRequest
 
 if TYPE_CHECKING:
     from .router import Router
@@ -286,7 +286,7 @@ def _completed(status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | 
     raise RuntimeError("start_response called after the response was complete")
 
 
-class _Request(_Deferred):
+class _Request(_StagedRequest):
     """One request in decision mode: its context, worked out on first use, and the ``start_response`` for the app.
 
     Until something reads the context or decides, ``start_response`` passes the app's headers on as they are:
@@ -297,26 +297,18 @@ class _Request(_Deferred):
     resolution's ``Set-Cookie`` headers.
     """
 
-    __slots__ = ("_environ", "_extra", "_headers", "_ident", "_middleware", "_start", "_started", "_trusted", "_user")
+    __slots__ = ("_environ", "_extra", "_headers", "_start", "_started", "_trusted", "_user")
+
+    _middleware: CanaryMiddleware
 
     def __init__(self, middleware: CanaryMiddleware, environ: WSGIEnvironment, start: StartResponse) -> None:
         # CanaryMiddleware.__call__ makes its requests without this call: keep the two in step
         self._resolved = None
-        self._ident: Context | None = None
+        self._ident = None
         self._middleware = middleware
         self._environ = environ
         self._start = start
         self._started = False
-
-    def _identity(self) -> Context:
-        """The first stage (see the class): the resolved context once there is one."""
-        resolved = self._resolved
-        if resolved is not None:
-            return resolved
-        if not self._middleware._staged:  # an attributes callable may set the identity: resolve it all
-            return self._get()
-        ident = self._ident
-        return ident if ident is not None else self._first_stage()
 
     def _first_stage(self) -> Context:
         """Read the identity headers and work the identity out (never raises: a failure gives an empty context)."""
