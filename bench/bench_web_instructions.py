@@ -79,6 +79,7 @@ SPECS = [
     Spec("wsgi", "flask_bare", "(a) bare Flask app", "flask_bare"),
     Spec("wsgi", "flask_pass", "(a) pass-through WSGI middleware", "flask_bare"),
     Spec("wsgi", "flask_split", "(a) hand-rolled split: user id header, one mmh3 hash", "flask_bare"),
+    Spec("wsgi", "flask_floor", "(a) reference: the minimal ambient middleware", "flask_bare"),
     Spec("wsgi", "flask_returning", "(a) CanaryMiddleware, returning visitor", "flask_bare", WSGI_SHARE),
     Spec("wsgi", "flask_first", "(a) CanaryMiddleware, new visitor", "flask_bare"),
     Spec("wsgi", "flask_bare_decide", "(b) bare app deciding on a hand-rolled context", "flask_bare"),

@@ -42,7 +42,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import copy_context
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +53,7 @@ from flask import request as flask_request
 
 import benchlib
 import canary_router
+from canary_router.context import _current
 from canary_router.web import _find_cookies
 from canary_router.wsgi import CanaryMiddleware, StartResponse, WSGIApp, WSGIEnvironment
 
@@ -207,6 +208,59 @@ class HandRolledSplit:
         return self.app(environ, start_response)
 
 
+_END = object()
+
+
+class AmbientFloor:
+    """The least a lazy decision-mode WSGI middleware does on a request that decides nothing: a reference for (a).
+
+    Publishes one per-request object in the environ, and makes it the ambient context while the app runs and
+    while the server iterates and closes the body: the app runs in a copied ``contextvars`` context, and the body
+    is a primed generator that iterates and closes the app's iterable in it (PEP 3333: closed even when the server
+    closes the body unread). The object keeps no reference to the environ (so it could not be worked out later,
+    and leaves no reference cycle). No decisions mapping, no ``start_response`` of its own (so no ``Vary`` or
+    cookie), no override link, no enclosing context, no pass-through of lists and file wrappers: not a usable
+    middleware, only a floor under what CanaryMiddleware does for the same request.
+    """
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Make a per-request object ambient for the app call and the body, then call the wrapped app."""
+        request = _new_floor_request(_FloorRequest)
+        environ["floor.context"] = request
+        run = copy_context().run
+        run(_current.set, request)
+        body = _floor_body(run(self.app, environ, start_response), run)
+        next(body)
+        return body
+
+
+class _FloorRequest(canary_router.Context):
+    """The floor's per-request object, made without ``__init__`` (nothing is read before the first use)."""
+
+    __slots__ = ()
+
+
+_new_floor_request = _FloorRequest.__new__
+
+
+def _floor_body(result: Iterable[bytes], run: Callable[..., Any]) -> Iterator[bytes]:
+    """Iterate and close ``result`` inside ``run``'s context (primed by the caller)."""
+    try:
+        iterator = run(iter, result)
+        yield b""  # the priming value, dropped by the caller
+        chunk = run(next, iterator, _END)
+        while chunk is not _END:
+            yield chunk
+            chunk = run(next, iterator, _END)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            run(close)
+
+
 class PassThrough:
     """The floor any WSGI middleware pays: one more call, nothing else."""
 
@@ -299,6 +353,12 @@ def build(users: Sequence[str], visitors: Sequence[str], calls: int) -> tuple[di
             "flask_split",
             "(a) Flask app behind a hand-rolled split (user id header, one mmh3 hash)",
             serve(HandRolledSplit(bare, "recommender", 25.0), returning),
+            calls,
+        ),
+        Case(
+            "flask_floor",
+            "(a) Flask app behind the minimal ambient middleware (reference)",
+            serve(AmbientFloor(bare), returning),
             calls,
         ),
         Case(
@@ -465,6 +525,7 @@ def summarize(cases: list[Case]) -> tuple[list[Row], list[Row], list[Row]]:
     overheads = [
         Row("pass-through middleware − bare (Flask)", overhead("flask_pass", "flask_bare")),
         Row("hand-rolled split − bare (Flask)", overhead("flask_split", "flask_bare")),
+        Row("(a) reference: minimal ambient middleware − bare (Flask)", overhead("flask_floor", "flask_bare")),
         Row(
             "**(a) CanaryMiddleware − bare (Flask), returning visitor, no decision**",
             overhead("flask_returning", "flask_bare"),
@@ -499,6 +560,7 @@ def cost_structure(cases: list[Case]) -> str:
 
     lazy_raw = overhead("raw_returning", "raw_bare")
     lazy_flask = overhead("flask_returning", "flask_bare")
+    floor = overhead("flask_floor", "flask_bare")
     decide_raw = overhead("raw_decide", "raw_bare_decide")
     decide_flask = overhead("flask_decide", "flask_bare_decide")
     info = by_key["p_info"] - by_key["p_copy"]
@@ -513,8 +575,11 @@ def cost_structure(cases: list[Case]) -> str:
         f"(a) A request that decides nothing: {lazy_flask:.2f} µs over the bare Flask app "
         f"({lazy_flask / bare * 100:.1f} %; {lazy_raw:.2f} µs around the raw app): nothing is read from the environ; "
         "the middleware makes the request object and its lazy decisions, stores them in the environ, runs the app in "
-        f"a copied `contextvars` context (≈ {by_key['p_contextvars']:.2f} µs) and hands the server a body whose "
-        "iterator is a built-in one (no Python frame of ours per chunk), and passes the app's headers on unchanged. "
+        f"a copied `contextvars` context (≈ {by_key['p_contextvars']:.2f} µs), hands the server a body that iterates "
+        "and closes the app's in that context (a primed generator), and passes the app's headers on unchanged; when "
+        "the body ends it lets the environ go (a copy without our keys is kept for a late read). The minimal ambient "
+        f"middleware, which does only the publishing and the context, costs {floor:.2f} µs "
+        f"({floor / bare * 100:.1f} %) on the same request. "
         f"(b) A request that makes one decision: {decide_flask:.2f} µs over a bare Flask app making the same "
         f"decision on a hand-rolled context ({decide_raw:.2f} µs around the raw app). On top of (a), the decision "
         "works out the request's first stage, its identity (the rollout is bucketed by user and visitor, so that is "

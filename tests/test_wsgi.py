@@ -291,24 +291,78 @@ class ClosingBody:
         self.closed.append(current_context().get("user_id"))
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["decision-mode", "split-mode"])
-def test_close_of_the_inner_iterable_is_called_once(split: bool) -> None:
-    """The server's close() reaches the app's iterable exactly once, inside the request's context."""
-    router = make_router()
-    bodies: list[ClosingBody] = []
+def closing_app(bodies: list[ClosingBody], chunks: list[bytes]) -> WSGIApp:
+    """A raw WSGI app answering with a new ClosingBody of ``chunks`` each time, kept in ``bodies``."""
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
-        bodies.append(ClosingBody([b"a", b"b"]))
+        bodies.append(ClosingBody(chunks))
         return bodies[-1]
 
+    return app
+
+
+def user_header_middleware(app: WSGIApp, split: bool = False) -> CanaryMiddleware:
+    """CanaryMiddleware trusting 127.0.0.1's x-user-id header; in split mode ``app`` serves both variants of "r"."""
     extra: dict[str, Any] = {"rollout": "r", "new_app": app} if split else {}
-    middleware = CanaryMiddleware(
-        app, router=router, secret=KEY, trusted_proxies=["127.0.0.1"], user_header="x-user-id", **extra
+    return CanaryMiddleware(
+        app, router=make_router(), secret=KEY, trusted_proxies=["127.0.0.1"], user_header="x-user-id", **extra
     )
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["decision-mode", "split-mode"])
+def test_close_of_the_inner_iterable_is_called_once(split: bool) -> None:
+    """The server's close() reaches the app's iterable exactly once, inside the request's context."""
+    bodies: list[ClosingBody] = []
+    middleware = user_header_middleware(closing_app(bodies, [b"a", b"b"]), split)
     reply = call(middleware, environ_for(headers={"X-User-Id": "u3"}))
     assert reply.body == b"ab"
     assert bodies[0].closed == ["u3"]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["decision-mode", "split-mode"])
+def test_a_body_closed_before_it_is_iterated_still_closes_the_apps_iterable(split: bool) -> None:
+    """A server (or outer middleware) that closes the body without iterating it still reaches the app's close()."""
+    bodies: list[ClosingBody] = []
+    middleware = user_header_middleware(closing_app(bodies, [b"a"]), split)
+    body = middleware(environ_for(headers={"X-User-Id": "u5"}), lambda status, headers, exc_info=None: print)
+    assert bodies[0].closed == []
+    body.close()  # type: ignore[attr-defined]
+    assert bodies[0].closed == ["u5"]
+    body.close()  # type: ignore[attr-defined]
+    assert bodies[0].closed == ["u5"]
+
+
+def test_an_exhausted_body_closes_the_apps_iterable_even_if_the_server_never_closes() -> None:
+    """Decision mode closes the app's iterable, in the request's context, once its body is exhausted."""
+    bodies: list[ClosingBody] = []
+    middleware = user_header_middleware(closing_app(bodies, [b"a", b"b"]))
+    body = middleware(environ_for(headers={"X-User-Id": "u6"}), lambda status, headers, exc_info=None: print)
+    assert list(body) == [b"a", b"b"]
+    assert bodies[0].closed == ["u6"]
+    body.close()  # type: ignore[attr-defined]
+    assert bodies[0].closed == ["u6"]
+
+
+def test_an_error_while_the_body_is_iterated_reaches_the_server_and_closes_the_apps_iterable() -> None:
+    """An exception from the app's iterator propagates unchanged, and the app's close() still runs, in context."""
+    events: list[str] = []
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            yield b"first"
+            raise LookupError("broken stream")
+        finally:
+            events.append(f"closed:{current_context().get('user_id')}")
+
+    middleware = user_header_middleware(app)
+    body = iter(middleware(environ_for(headers={"X-User-Id": "u8"}), lambda status, headers, exc_info=None: print))
+    assert next(body) == b"first"
+    with pytest.raises(LookupError, match="broken stream"):
+        next(body)
+    assert events == ["closed:u8"]
+    assert current_context() == Context()
 
 
 def test_list_bodies_and_file_wrappers_pass_through_untouched() -> None:

@@ -21,14 +21,12 @@ and cookies are ignored (and counted in ``middleware.resolver.counters``) and th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextvars import Context as _VarContext
 from contextvars import copy_context
-from functools import partial
-from itertools import chain
 from time import perf_counter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from .context import _EMPTY_CONTEXT, Context, _current
 from .model import OLD, Decision, Reason
@@ -225,8 +223,9 @@ class _Body:
     def close(self) -> None:
         """Close the app's iterable (PEP 3333); in split mode, record the request unless exhaustion already did."""
         exchange = self._exchange
+        iterable, self._iterable = self._iterable, ()  # a second close() closes nothing again
         try:
-            close = getattr(self._iterable, "close", None)
+            close = getattr(iterable, "close", None)
             if close is not None:
                 self._vars.run(close)
         except Exception as exc:
@@ -240,45 +239,57 @@ class _Body:
 _END = object()  # the end of a body's iterator (next(iterator, _END)); never a chunk
 
 
-class _ContextBody(chain[bytes]):
-    """The app's response iterable in decision mode, iterated and closed inside the request's ``contextvars`` context.
+def _context_body(
+    result: Iterable[bytes], run: Callable[..., Any], request: _Request | None
+) -> Generator[bytes, None, None]:
+    """The app's response ``result``, iterated and closed inside the request's ``contextvars`` context.
 
-    :class:`_Body` without the split mode's recording, made by :func:`_context_body`. Iterating it is the
-    built-in iteration of :class:`itertools.chain` over ``iter(callable, sentinel)`` of ``context.run(next,
-    iterator, _END)``: a chunk costs no Python frame of ours. :meth:`close` closes the app's iterable in the
-    context, then lets the lazy request go (``_request``, or ``None``).
+    ``run`` is that context's ``run``. The caller primes the generator (one ``next``): that calls ``iter``
+    on ``result`` in the context and yields ``_END``, which the caller drops, so the ``finally`` below runs
+    even when the server closes the body without iterating it. There it closes ``result`` (PEP 3333), in the
+    context, when the body is exhausted or closed, whichever comes first, and then lets the request
+    (``None`` in the eager path) go.
     """
-
-    __slots__ = ("_iterable", "_request", "_vars")
-
-    _iterable: Iterable[bytes]
-    _request: _Request | None
-    _vars: _VarContext
-
-    def close(self) -> None:
-        """Close the app's iterable (PEP 3333), in the request's context; then let the request go."""
+    try:
+        iterator = run(iter, result)
+        yield _END  # type: ignore[misc]  # the priming value, dropped by the caller
+        chunk = run(next, iterator, _END)
+        while chunk is not _END:
+            yield chunk
+            chunk = run(next, iterator, _END)
+    finally:
         try:
-            close = getattr(self._iterable, "close", None)
+            close = getattr(result, "close", None)
             if close is not None:
-                self._vars.run(close)
+                run(close)
         finally:
-            request = self._request
-            if request is not None:
-                request._detach()
-
-
-def _context_body(result: Iterable[bytes], variables: _VarContext, request: _Request | None) -> _ContextBody:
-    """A :class:`_ContextBody` over the app's ``result`` (whose ``iter()`` runs in ``variables`` now)."""
-    run = variables.run
-    chunks = cast("Callable[[], bytes]", partial(run, next, run(iter, result), _END))
-    body = _ContextBody(iter(chunks, _END))
-    body._iterable = result
-    body._vars = variables
-    body._request = request
-    return body
+            if request is not None:  # request._detach(), inlined: two calls less on every request
+                request._start = _completed
+                if request._resolved is None:
+                    environ = request._environ
+                    try:
+                        detached = environ.copy()
+                        del detached[DECISIONS_KEY], detached[CONTEXT_KEY]
+                    except Exception:  # the app took our keys out
+                        detached = _detached(environ)
+                    request._environ = detached
+                else:
+                    request._environ = _NO_ENVIRON
 
 
 _NO_ENVIRON: WSGIEnvironment = {}  # shared, never written to
+
+
+def _detached(environ: WSGIEnvironment) -> WSGIEnvironment:
+    """A copy of ``environ`` without our keys, which a request keeps for a late read after the response."""
+    if environ is _NO_ENVIRON:
+        return environ
+    try:
+        detached = environ.copy()
+        del detached[DECISIONS_KEY], detached[CONTEXT_KEY]
+    except Exception:  # the app took our keys out: keep what is left
+        detached = {k: v for k, v in environ.items() if k not in (DECISIONS_KEY, CONTEXT_KEY)}
+    return detached
 
 
 def _completed(status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /) -> Any:
@@ -362,19 +373,10 @@ class _Request(_StagedRequest):
 
         The environ refers to this object, so they would form a reference cycle, freed only by the garbage
         collector. A request whose attributes were not read yet keeps a copy of the environ without our keys,
-        for a late read.
+        for a late read. :func:`_context_body` does the same, inline.
         """
         self._start = _completed
-        environ = self._environ
-        if self._resolved is None and environ is not _NO_ENVIRON:
-            try:
-                detached = environ.copy()
-                del detached[DECISIONS_KEY], detached[CONTEXT_KEY]
-            except Exception:  # the app took our keys out: keep what is left
-                detached = {k: v for k, v in environ.items() if k not in (DECISIONS_KEY, CONTEXT_KEY)}
-            self._environ = detached
-        else:
-            self._environ = _NO_ENVIRON
+        self._environ = _detached(self._environ) if self._resolved is None else _NO_ENVIRON
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
@@ -558,31 +560,20 @@ class CanaryMiddleware:
                 decisions._decided = None
                 environ[DECISIONS_KEY] = decisions
                 environ[CONTEXT_KEY] = request
-                variables = copy_context()
-                variables.run(_current.set, request)  # in the copy only: nothing to reset
+                run = copy_context().run
+                run(_current.set, request)  # in the copy only: nothing to reset
                 try:
-                    result = variables.run(self.app, environ, request.start_response)
+                    result = run(self.app, environ, request.start_response)
                 except BaseException:
                     request._detach()
                     raise
                 kind = type(result)
-                if kind is list or kind is tuple:  # nothing runs while it is iterated
+                # nothing runs while a list or tuple is iterated; a file wrapper keeps the server's sendfile path
+                if kind is list or kind is tuple or kind is environ.get("wsgi.file_wrapper"):
                     request._detach()
                     return result
-                wrapper = environ.get("wsgi.file_wrapper")
-                if wrapper is not None and kind is wrapper:  # keep the server's sendfile path
-                    request._detach()
-                    return result
-                try:  # _context_body, inlined: one call less on every request
-                    run = variables.run
-                    chunks = cast("Callable[[], bytes]", partial(run, next, run(iter, result), _END))
-                except BaseException:
-                    request._detach()
-                    raise
-                body = _ContextBody(iter(chunks, _END))
-                body._iterable = result
-                body._vars = variables
-                body._request = request
+                body = _context_body(result, run, request)
+                next(body)  # prime it: iter(result), in the context; from here on, close() reaches its finally
                 return body
         try:
             context, found, cookies, variant = self.resolver._resolve(*self._fields(environ))
@@ -616,7 +607,9 @@ class CanaryMiddleware:
             wrapper = environ.get("wsgi.file_wrapper")
             if wrapper is not None and kind is wrapper:  # keep the server's sendfile path
                 return result
-            return _context_body(result, variables, None)
+            body = _context_body(result, variables.run, None)
+            next(body)  # prime it (see above)
+            return body
         decision = found.get(rollout) or _ERROR_DECISION
         app: WSGIApp = self.new_app if decision[0] == "new" and self.new_app is not None else self.app
         exchange = _Exchange(start_response, extra, vary, self.router)
