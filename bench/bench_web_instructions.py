@@ -2,7 +2,9 @@
 
 The timing benchmarks (``bench_asgi.py``, ``bench_wsgi.py``) measure time on a shared machine, where a busy
 neighbour moves a Flask request by tens of microseconds between rounds. An instruction count does not depend
-on the machine's load: it is the same on a quiet and on a busy machine, and from one run to the next.
+on the machine's load: it is the same on a quiet and on a busy machine, and from one run to the next. It
+does follow where objects land in memory (context-variable and dict layouts follow addresses), so a change in
+unrelated code can move a case by up to about 1,500 instructions per request.
 
 Each count is one child process run under ``valgrind --tool=callgrind``: it builds the apps and requests of
 ``bench_asgi.py`` or ``bench_wsgi.py`` (the same cases, the same 10,000 user ids), runs one batch of every
@@ -240,7 +242,9 @@ def markdown(rows: list[Row], env: dict[str, Any]) -> str:
     lines = [
         "`bench/bench_web_instructions.py` counts the CPU instructions of a request with Valgrind's callgrind, "
         "in the cases of the two timing scripts above (the same apps, requests and user ids). A count does not "
-        "depend on the machine's load, so it separates differences that the timed rows cannot on a busy machine. "
+        "depend on the machine's load, so it separates differences that the timed rows cannot on a busy machine; "
+        "it does follow where objects land in memory, so a change in unrelated code can move a case by up to "
+        "about 1,500 instructions per request. "
         f"Each case is {env['batches'] * BATCH:,} requests after a warm-up, start-up and warm-up subtracted; the "
         "garbage collector is on. The (b) overheads are over the bare app deciding on a hand-rolled context; the "
         "share is the overhead as a share of the bare app's request (the plain one, in every row). Targets: "

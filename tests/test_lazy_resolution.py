@@ -526,6 +526,7 @@ def test_a_new_visitor_keeps_one_id_through_both_stages(staged: Router, kind: st
     assert reply["by-user"][3] == visitor
     assert reply["context"]["path"] == "/page"
     assert reply["context"]["user_agent"] == "agent"
+    assert reply["context"]["client_ip"] == "127.0.0.1"  # the peer, as the first stage read it
 
 
 @pytest.mark.parametrize("deciding", [False, True], ids=["nothing decided", "decided"])

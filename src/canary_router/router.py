@@ -122,6 +122,11 @@ class _Compiled:
         self.live: _Live
 
 
+def _attributes_of(conditions: Iterable[Condition]) -> frozenset[str]:
+    """The context attributes ``conditions`` read (``current_time`` is the clock's, not the context's)."""
+    return frozenset(cond.attribute for cond in conditions if cond.attribute != CURRENT_TIME)
+
+
 def _step_index_for(steps: Sequence[float], percent: float) -> int:
     """Index of the last step at or below ``percent`` (-1 when below the first step)."""
     index = -1
@@ -192,9 +197,9 @@ class Router:
         self._sync_thread: threading.Thread | None = None
         self._sync_stop = threading.Event()
         self._rollouts = self._collect(rollouts, segments)
-        self._segments = self._compile_segments(segments)
+        self._segments, self._segment_attributes = self._compile_segments(segments)
         self._compiled: dict[str, _Compiled] = {
-            name: _Compiled(rollout, self._compile_rules(rollout), self._attributes_read(rollout, segments))
+            name: _Compiled(rollout, self._compile_rules(rollout), self._attributes_read(rollout))
             for name, rollout in self._rollouts.items()
         }
         self._observers: tuple[Observer, ...] = ()
@@ -307,27 +312,26 @@ class Router:
     @staticmethod
     def _compile_segments(
         segments: Mapping[str, Sequence[Condition | Mapping[str, Any]]] | None,
-    ) -> dict[str, tuple[Predicate, ...]]:
+    ) -> tuple[dict[str, tuple[Predicate, ...]], dict[str, frozenset[str]]]:
+        """Each segment's compiled conditions, and the context attributes they read."""
         compiled: dict[str, tuple[Predicate, ...]] = {}
+        attributes: dict[str, frozenset[str]] = {}
         issues = _Issues()
         for name, conds in (segments or {}).items():
             checked = _conditions(list(conds), f"segments.{name}.when", issues)
             if checked is not None:
                 compiled[name] = tuple(compile_condition(c) for c in checked)
+                attributes[name] = _attributes_of(checked)
         issues.raise_if_any()
-        return compiled
+        return compiled, attributes
 
-    @staticmethod
-    def _attributes_read(
-        rollout: Rollout, segments: Mapping[str, Sequence[Condition | Mapping[str, Any]]] | None
-    ) -> frozenset[str]:
+    def _attributes_read(self, rollout: Rollout) -> frozenset[str]:
         """The context attributes a rollout's decision reads: its stickiness and its rules' (segments included)."""
         names = set(rollout.stickiness)
         for rule in rollout.rules:
-            conditions = list(rule.when)
-            for seg in rule.segments:  # validated by _compile_segments already
-                conditions.extend(_conditions(list((segments or {}).get(seg, ())), "", _Issues()) or ())
-            names.update(cond.attribute for cond in conditions if cond.attribute != CURRENT_TIME)
+            names.update(_attributes_of(rule.when))
+            for seg in rule.segments:
+                names.update(self._segment_attributes[seg])
         return frozenset(names)
 
     def _compile_rules(self, rollout: Rollout) -> tuple[_Rule, ...]:

@@ -192,11 +192,14 @@ class _Exchange:
 
 
 class _Body:
-    """The app's response iterable, iterated and closed inside the request's ``contextvars`` context."""
+    """Split mode's response: the app's iterable, iterated and closed in the request's ``contextvars`` context.
+
+    The request is recorded for the guard when the body is exhausted or closed, whichever comes first.
+    """
 
     __slots__ = ("_exchange", "_iterable", "_iterator", "_vars")
 
-    def __init__(self, iterable: Iterable[bytes], variables: _VarContext, exchange: _Exchange | None) -> None:
+    def __init__(self, iterable: Iterable[bytes], variables: _VarContext, exchange: _Exchange) -> None:
         self._iterable = iterable
         self._iterator: Iterator[bytes] | None = None
         self._vars = variables
@@ -211,29 +214,24 @@ class _Body:
             if iterator is None:
                 iterator = self._iterator = self._vars.run(iter, self._iterable)
             return self._vars.run(next, iterator)
-        except StopIteration:
-            if self._exchange is not None:  # exhausted: record now, even if a lax server never closes us
-                self._exchange.finish(None)
+        except StopIteration:  # exhausted: record now, even if a lax server never closes us
+            self._exchange.finish(None)
             raise
         except Exception as exc:
-            if self._exchange is not None:
-                self._exchange.finish(exc)
+            self._exchange.finish(exc)
             raise
 
     def close(self) -> None:
-        """Close the app's iterable (PEP 3333); in split mode, record the request unless exhaustion already did."""
-        exchange = self._exchange
+        """Close the app's iterable (PEP 3333) and record the request, unless exhaustion already did."""
         iterable, self._iterable = self._iterable, ()  # a second close() closes nothing again
         try:
             close = getattr(iterable, "close", None)
             if close is not None:
                 self._vars.run(close)
         except Exception as exc:
-            if exchange is not None:
-                exchange.finish(exc)
+            self._exchange.finish(exc)
             raise
-        if exchange is not None:
-            exchange.finish(None)
+        self._exchange.finish(None)
 
 
 _END = object()  # the end of a body's iterator (next(iterator, _END)); never a chunk
@@ -263,33 +261,11 @@ def _context_body(
             if close is not None:
                 run(close)
         finally:
-            if request is not None:  # request._detach(), inlined: two calls less on every request
-                request._start = _completed
-                if request._resolved is None:
-                    environ = request._environ
-                    try:
-                        detached = environ.copy()
-                        del detached[DECISIONS_KEY], detached[CONTEXT_KEY]
-                    except Exception:  # the app took our keys out
-                        detached = _detached(environ)
-                    request._environ = detached
-                else:
-                    request._environ = _NO_ENVIRON
+            if request is not None:
+                request._detach()
 
 
 _NO_ENVIRON: WSGIEnvironment = {}  # shared, never written to
-
-
-def _detached(environ: WSGIEnvironment) -> WSGIEnvironment:
-    """A copy of ``environ`` without our keys, which a request keeps for a late read after the response."""
-    if environ is _NO_ENVIRON:
-        return environ
-    try:
-        detached = environ.copy()
-        del detached[DECISIONS_KEY], detached[CONTEXT_KEY]
-    except Exception:  # the app took our keys out: keep what is left
-        detached = {k: v for k, v in environ.items() if k not in (DECISIONS_KEY, CONTEXT_KEY)}
-    return detached
 
 
 def _completed(status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /) -> Any:
@@ -308,18 +284,14 @@ class _Request(_StagedRequest):
     resolution's ``Set-Cookie`` headers.
     """
 
-    __slots__ = ("_environ", "_extra", "_headers", "_start", "_started", "_trusted", "_user")
+    __slots__ = ("_environ", "_extra", "_headers", "_place", "_start", "_started", "_trusted", "_user")
 
+    # Made by CanaryMiddleware.__call__ without an __init__ call (one call less on every request), which sets
+    # _resolved, _ident, _middleware, _environ, _start and _started; the first stage sets the others.
     _middleware: CanaryMiddleware
-
-    def __init__(self, middleware: CanaryMiddleware, environ: WSGIEnvironment, start: StartResponse) -> None:
-        # CanaryMiddleware.__call__ makes its requests without this call: keep the two in step
-        self._resolved = None
-        self._ident = None
-        self._middleware = middleware
-        self._environ = environ
-        self._start = start
-        self._started = False
+    _environ: WSGIEnvironment
+    _start: StartResponse
+    _started: bool
 
     def _first_stage(self) -> Context:
         """Read the identity headers and work the identity out (never raises: a failure gives an empty context)."""
@@ -329,7 +301,7 @@ class _Request(_StagedRequest):
             environ = self._environ
             headers = middleware._read_headers(environ, middleware._identity_keys)
             self._user = user = middleware._user(environ)
-            scheme, query, peer = middleware._scheme_query_peer(environ)
+            self._place = scheme, query, peer = middleware._scheme_query_peer(environ)
             ident, cookies, self._trusted, _ = middleware.resolver._identity(scheme, query, peer, headers, user)
             self._headers = headers
         except Exception as exc:  # pragma: no cover - defensive: reading the environ never raises, resolving neither
@@ -359,7 +331,7 @@ class _Request(_StagedRequest):
             environ = self._environ
             headers.update(middleware._read_headers(environ, middleware._other_keys))
             method, path = middleware._method_path(environ)
-            scheme, query, peer = middleware._scheme_query_peer(environ)
+            scheme, query, peer = self._place
             return middleware.resolver._complete(
                 ident, self._trusted, method, path, scheme, query, peer, headers, self._user, None
             )
@@ -373,10 +345,19 @@ class _Request(_StagedRequest):
 
         The environ refers to this object, so they would form a reference cycle, freed only by the garbage
         collector. A request whose attributes were not read yet keeps a copy of the environ without our keys,
-        for a late read. :func:`_context_body` does the same, inline.
+        for a late read.
         """
         self._start = _completed
-        self._environ = _detached(self._environ) if self._resolved is None else _NO_ENVIRON
+        environ = self._environ
+        if self._resolved is None and environ is not _NO_ENVIRON:
+            try:
+                detached = environ.copy()
+                del detached[DECISIONS_KEY], detached[CONTEXT_KEY]
+            except Exception:  # the app took our keys out: keep what is left
+                detached = {k: v for k, v in environ.items() if k not in (DECISIONS_KEY, CONTEXT_KEY)}
+            self._environ = detached
+        else:
+            self._environ = _NO_ENVIRON
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
